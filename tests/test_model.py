@@ -1,0 +1,206 @@
+"""lora.py and model.py against references: the base layer, the plain HF model, one full forward."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lora
+import model as twn_model
+from tiny import EOS, THINK, make_batch, random_cot, randomize_adapters, tiny_backbone, tiny_twn
+
+ROWS = [((2, 2), 5), ((3, 2), 2), (None, 7), ((1, 1), 3)]  # mixed image sizes, a text-only row, left padding
+
+
+# --- lora.py ------------------------------------------------------------------------------------
+
+def test_lora_with_zero_B_equals_base_layer():
+    base = torch.nn.Linear(16, 8)
+    ref = torch.nn.Linear(16, 8)
+    ref.load_state_dict(base.state_dict())
+    switch = lora.AdapterSwitch(["reason", "embed"])
+    layer = lora.LoRALinear(base, switch, lora.LoRAConfig(r=4, alpha=8))
+    x = torch.randn(3, 16)
+    with switch.use("embed"):
+        assert torch.equal(layer(x), ref(x))
+    assert layer.lora_A["embed"].weight.abs().sum() > 0  # A is Kaiming, not zero
+
+
+def test_lora_merged_equals_unmerged_and_adapters_differ():
+    switch = lora.AdapterSwitch(["reason", "embed"])
+    layer = lora.LoRALinear(torch.nn.Linear(16, 8), switch, lora.LoRAConfig(r=4, alpha=8))
+    torch.nn.init.normal_(layer.lora_B["reason"].weight)
+    torch.nn.init.normal_(layer.lora_B["embed"].weight)
+    x = torch.randn(5, 16)
+    with switch.use("reason"):
+        unmerged = layer(x)
+    with switch.use("embed"):
+        assert not torch.allclose(layer(x), unmerged)
+    layer.merge("reason")
+    with switch.use("reason"):
+        torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
+    with switch.use("embed"), pytest.raises(RuntimeError, match="merged"):
+        layer(x)
+    layer.unmerge()
+    with switch.use("reason"):
+        torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_inject_fails_loudly_on_a_target_that_matches_nothing():
+    with pytest.raises(ValueError, match="c_attn"):
+        lora.inject(tiny_backbone(), cfg=lora.LoRAConfig(targets=("q_proj", "c_attn")))
+
+
+def test_inject_skips_the_vision_tower_by_default():
+    backbone = tiny_backbone()
+    lora.inject(backbone, cfg=lora.LoRAConfig(r=2))
+    names = [n for n, _ in lora.lora_layers(backbone)]
+    assert names and not any(".visual." in n for n in names)
+    assert len(names) == 7 * backbone.config.text_config.num_hidden_layers
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen3_vl"])
+def test_adapters_off_equals_plain_hf_model(model_type):
+    twn = tiny_twn(model_type)
+    randomize_adapters(twn)
+    plain = tiny_backbone(model_type)  # same seed: same base weights, never injected
+    batch = make_batch(twn, ROWS)
+    with twn.adapters.use(None):
+        ours = twn.backbone.model(**batch).last_hidden_state
+    ref = plain.model(**batch).last_hidden_state
+    torch.testing.assert_close(ours, ref)
+    with twn.adapters.use("embed"):
+        assert not torch.allclose(twn.backbone.model(**batch).last_hidden_state, ref)
+
+
+# --- single encode == full recompute --------------------------------------------------------------
+
+def full_forward_embedding(twn, batch, b, extra_ids, adapter="embed"):
+    """Reference: ONE forward over [input row b unpadded, extra_ids, K queries], positions from get_rope_index."""
+    keep = batch["attention_mask"][b].bool()
+    ids = batch["input_ids"][b][keep]
+    types = batch["mm_token_type_ids"][b][keep]
+    image_kw = {}
+    if (types == 1).any():
+        has_image = [(batch["mm_token_type_ids"][i] == 1).any().item() for i in range(b + 1)]
+        k = sum(has_image) - 1  # this row's image index
+        grids = batch["image_grid_thw"]
+        start = int(grids[:k].prod(-1).sum())
+        image_kw = dict(pixel_values=batch["pixel_values"][start:start + int(grids[k].prod())],
+                        image_grid_thw=grids[k:k + 1])
+    K = twn.cfg.num_queries
+    full_ids = torch.cat([ids, extra_ids, torch.full((K,), 10)])
+    full_types = torch.cat([types, torch.zeros(len(extra_ids) + K, dtype=types.dtype)])
+    pos, _ = twn.backbone.model.get_rope_index(full_ids[None], full_types[None], image_kw.get("image_grid_thw"))
+    embeds = twn.token_embeds(full_ids[None]).clone()
+    embeds[0, -K:] = twn.queries
+    with twn.adapters.use(adapter):
+        out = twn.backbone.model(inputs_embeds=embeds, position_ids=pos, mm_token_type_ids=full_types[None], **image_kw)
+    return F.normalize(out.last_hidden_state[0, -K:].mean(0), dim=-1)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen3_vl"])
+def test_cached_nothink_and_think_embeddings_equal_one_full_forward(model_type):
+    twn = tiny_twn(model_type)
+    randomize_adapters(twn)
+    # a single full forward runs one adapter over every token, so give both adapters the same weights;
+    # the cached path still switches adapters between segments and must land on the same numbers
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(twn.backbone):
+            layer.lora_A["reason"].weight.copy_(layer.lora_A["embed"].weight)
+            layer.lora_B["reason"].weight.copy_(layer.lora_B["embed"].weight)
+    batch = make_batch(twn, ROWS)
+    cot_ids, cot_mask = random_cot(len(ROWS), [4, 6, 2, 5])
+    with torch.no_grad():
+        out = twn(batch, cot_ids, cot_mask)
+    for b in range(len(ROWS)):
+        e0 = full_forward_embedding(twn, batch, b, torch.tensor([], dtype=torch.long))
+        torch.testing.assert_close(out["e0"][b], e0, rtol=1e-4, atol=1e-5)
+        cot = cot_ids[b][cot_mask[b].bool()]
+        e1 = full_forward_embedding(twn, batch, b, torch.cat([torch.tensor(THINK), cot]))
+        torch.testing.assert_close(out["e1"][b], e1, rtol=1e-4, atol=1e-5)
+
+
+def test_generated_cot_embedding_equals_teacher_forced_on_the_same_tokens():
+    """write_cot appends one masked token per step; the result must equal feeding the CoT at once."""
+    twn = tiny_twn()
+    randomize_adapters(twn)
+    batch = make_batch(twn, ROWS)
+    with torch.no_grad():
+        enc = twn.encode(batch)
+        e1, ids, mask = twn.think_embed(enc, max_new_tokens=6)
+        out = twn(batch, ids, mask)
+    torch.testing.assert_close(e1, out["e1"], rtol=1e-4, atol=1e-5)
+    # the mask is a prefix of ones that stops right after a row's eos
+    n = mask.sum(1)
+    assert torch.equal(mask, (torch.arange(mask.shape[1])[None] < n[:, None]).long())
+    for b in range(len(ROWS)):
+        eos = (ids[b] == EOS).nonzero()
+        assert n[b] == (eos[0, 0] + 1 if len(eos) else mask.shape[1])
+
+
+# --- the detach --------------------------------------------------------------------------------------
+
+def grads_after(twn, loss):
+    twn.zero_grad(set_to_none=True)
+    loss.backward(retain_graph=True)
+    side = lambda which: [p.grad for p in twn.trainable_parameters(which)]
+    nonzero = lambda gs: any(g is not None and g.abs().sum() > 0 for g in gs)
+    return nonzero(side("reason")), nonzero(side("embed"))
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_detach_keeps_each_loss_on_its_own_adapter(detach):
+    twn = tiny_twn(detach=detach)
+    randomize_adapters(twn)
+    batch = make_batch(twn, ROWS)
+    cot_ids, cot_mask = random_cot(len(ROWS), [4, 6, 2, 5])
+    out = twn(batch, cot_ids, cot_mask)
+    contrastive = (out["e1"] @ out["e0"].T).sum()
+    reason_grad, embed_grad = grads_after(twn, contrastive)
+    assert embed_grad and reason_grad == (not detach)
+    reason_grad, embed_grad = grads_after(twn, out["cot_loss"])
+    assert reason_grad and embed_grad == (not detach)
+
+
+def test_only_lora_and_queries_are_trainable():
+    twn = tiny_twn()
+    randomize_adapters(twn)
+    trainable = {n for n, p in twn.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in twn.named_parameters() if ".lora_" in n} | {"queries"}
+    out = twn(make_batch(twn, ROWS), *random_cot(len(ROWS), [3, 3, 3, 3]))
+    (out["cot_loss"] + out["e1"].sum()).backward()
+    assert all(p.grad is None for n, p in twn.named_parameters() if not p.requires_grad)
+
+
+# --- files -------------------------------------------------------------------------------------------
+
+def test_save_load_round_trip_and_peft_layout(tmp_path):
+    twn = tiny_twn()
+    randomize_adapters(twn)
+    twn.save(tmp_path)
+    other = tiny_twn()
+    other.load(tmp_path)
+    for (n, p), (_, q) in zip(twn.named_parameters(), other.named_parameters()):
+        assert torch.equal(p, q), n
+    assert twn_model.read_config(tmp_path) == twn.cfg
+
+    lora.export_peft(twn.backbone, "reason", twn.cfg.lora(), tmp_path / "peft")
+    from safetensors.torch import load_file
+    keys = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    conf = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert conf["peft_type"] == "LORA" and conf["r"] == 4 and "down_proj" in conf["target_modules"]
+
+
+def test_config_json_is_validated():
+    with pytest.raises(ValueError, match="unknown"):
+        twn_model.TWNConfig.from_dict({"rank": 8})
+    with pytest.raises(ValueError, match="must be int"):
+        twn_model.TWNConfig.from_dict({"r": "8"})
+
+
+def test_param_report_puts_qwen2_vl_2b_in_the_papers_range():
+    rows = {name: pct for name, _, _, pct in twn_model.param_report(twn_model.TWNConfig())}
+    assert 3.0 <= rows["Qwen2-VL-2B"] <= 5.0
