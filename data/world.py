@@ -1,0 +1,703 @@
+"""The mini world: a synthetic visual world and MMEB-style retrieval tasks over it, easy and hard.
+
+twn reproduces *Think When Needed* on a tiny Qwen2-VL, so it needs a benchmark where the paper's claims
+are measurable: queries that one look answers (easy), queries that need composition (hard), and a
+teacher chain of thought (CoT) that turns the composition into copying. This file generates that world
+from a seed, in MMEB-V2's on-disk formats, with numpy, pillow and pyarrow only (no model code).
+
+    python -m data.world --out data/world --seed 0        # 10-20 s on 2 cores (the time is printed)
+    python data/world.py --out /tmp/w --train-scenes 200  # a small one
+    >>> summary = generate("data/world", seed=0)          # what the main job calls
+
+The world. A 112x112 image is a 4x4 grid of 28 px cells, one Qwen2-VL LLM token per cell (14 px
+patches, 2x2 merge); rows a-d top to bottom, columns 1-4 left to right (`a1` top-left). Each object is
+one of 8 colours x 4 shapes and fills most of its cell; a scene is 1-8 objects, at most one per cell.
+Its canonical caption lists the objects in cell order, and every text is lowercase words from a small
+closed vocabulary (`vocabulary()`) with punctuation as separate words.
+
+A worked example. The hard query is row 100 of eval/ColorVQA.parquet with seed 0 (the first hard
+one); the easy query is the one the easy maker would ask of the same scene.
+
+         1      2              3              4          scene (canonical caption):
+    a    .      green circle   cyan square    .          a2 green circle , a3 cyan square ,
+    b    .      .              .              .          c3 cyan circle , d3 blue cross ,
+    c    .      .              cyan circle    .          d4 purple square
+    d    .      .              blue cross     purple square
+
+    easy  qry_text  <|image_1|> represent the given image with the following question : what colour is the cross ?
+          gold      blue   (candidates: the other 7 colours, then 2 words of other answer types)
+          cot       a2 green circle , a3 cyan square , c3 cyan circle , d3 blue cross , d4 purple square .
+                    the cross is at d3 . d3 is blue cross . answer : blue
+    hard  qry_text  <|image_1|> ... question : what colour is the object left of the purple square ?
+          gold      blue
+          cot       a2 green circle , ... , d4 purple square . the purple square is at d4 .
+                    left of d4 is d3 . d3 is blue cross . answer : blue
+
+Every CoT first lists the objects (the look), then makes each hop a short copy step, then names the
+answer (`answer : X`). Relations mean the directly adjacent cell ("left of c3" is c2).
+
+The 8 tasks (each query tagged easy or hard, half each; the intended answer is drawn balanced first,
+then a scene is built around it, so guessing stays at chance):
+  ColorCLS  image -> most common colour. easy: one colour; hard: 5-7 objects, 2-3 colours, the winner
+            only one ahead of the runner-up.
+  CountCLS  image -> number word. easy: 1-3 objects; hard: 5-8 (4 is left out to keep the two apart).
+  ColorVQA  easy "what colour is the circle ?" (the only circle); hard "what colour is the object left
+            of the blue triangle ?" (anchor unique by colour+shape, and another object shares one of
+            its attributes, so naming it takes both words).
+  ShapeVQA  easy "what shape is the red object ?"; hard: a relation as above, or "what shape is the
+            object with the same colour as the triangle ?" (exactly one other object has that colour).
+  WhereVQA  -> cell name. easy "where is the red circle ?" (the only red and the only circle); hard
+            "where is the object with the same colour as the square ?".
+  I2T       image -> caption. easy: 2-3 objects, distractors are other scenes' captions; hard: 5-7
+            objects, distractors are the gold caption with one colour, shape or cell changed.
+  T2I       text -> image. easy "an image with a red circle" (no distractor has one); hard "an image
+            with a red circle left of a blue square" (distractors hold both, never in that relation).
+  Ground    image + phrase -> 56 px crop of a cell. easy "the red circle"; hard "the object left of the
+            red circle". Every candidate crop shows a different colour+shape.
+
+Files under --out (parquet paths are relative to it: it is the image root):
+  eval/<Task>.parquet  MMEB-V2 image-task columns `qry_inst, qry_text, qry_img_path, tgt_inst,
+                       tgt_text (list), tgt_img_path (list)`, gold at index 0, plus metadata the model
+                       never sees: `difficulty, answer, cot, scene` (scene: caption of the query image,
+                       or of the gold image for T2I). What the model reads is `inst + " " + text`:
+                       queries keep everything in qry_text (qry_inst is ""); text candidates are bare
+                       labels (tgt_inst ""); image candidates have tgt_text "" and the instruction, with
+                       its `<|image_1|>`, in tgt_inst.
+  train/train.parquet  MMEB-train columns `qry, qry_image_path, pos_text, pos_image_path, neg_text,
+                       neg_image_path` (one hard negative) plus `cot, task, difficulty, answer, scene`.
+  pretrain.jsonl       {"image", "prompt", "completion", "kind", "difficulty"} on train scenes: kind
+                       describe (`describe :` -> caption; crops -> `red circle`), direct (bare question
+                       -> `answer : X`), think (bare question + ` think :` -> CoT).
+  pretrain_eval.jsonl  the same on eval scenes, for reports only.
+  images/{train,eval}/*.png, crops/{train,eval}/*.png, world.json (settings, vocabulary, counts, time).
+
+Text candidates come from small answer vocabularies (8 colours, 4 shapes, 8 numbers, 16 cells): a list
+is the gold, the other words of its type, then random words of the other types, so every query has
+`n_candidates` distinct candidates (for ShapeVQA 6 of 10 are words of other types, easy to reject).
+
+Train and eval draw from separate random streams; eval is drawn first (so it does not depend on
+--train-scenes) and train rejects any scene graph eval uses. Each train row is one scene built for its
+query (plus, for T2I, one negative image), so --train-scenes is also the number of train rows.
+"""
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+# -----------------------------------------------------------------------------
+# the world's pieces and words
+
+SIZE, CELL, CROP = 112, 28, 56  # image, grid cell (= one Qwen2-VL LLM token), upscaled crop
+BACKGROUND = (20, 20, 20)
+ROWS, COLS = "abcd", "1234"
+CELLS = [r + c for r in ROWS for c in COLS]  # a1 a2 ... d4: reading order, the caption's order
+RGB = {"red": (230, 30, 30), "orange": (255, 140, 0), "yellow": (240, 230, 40), "green": (30, 170, 50),
+       "cyan": (40, 220, 230), "blue": (40, 80, 250), "purple": (160, 60, 220), "white": (245, 245, 245)}
+COLOURS = list(RGB)
+SHAPES = ["circle", "square", "triangle", "cross"]
+NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight"]
+KINDS = [(c, s) for c in COLOURS for s in SHAPES]
+RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}  # (d row, d col)
+INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+DIFFICULTIES = ("easy", "hard")
+IMAGE = "<|image_1|>"  # MMEB's image placeholder; a special token, not a word of the vocabulary
+
+TARGET_IMAGE = "represent the given image"
+TARGET_CROP = "represent the given cropped image of the object"
+# words of the questions, prompts and CoTs that are not names of colours, shapes, numbers or cells
+GLUE = "what colour shape where is the object objects with same as at also answer think describe how many " \
+       "are there in most common an a image : . , ?"
+
+
+def number(n):
+    return NUMBERS[n - 1]
+
+
+def pick(rng, seq):
+    return seq[int(rng.integers(len(seq)))]
+
+
+def shuffled(rng, seq):
+    return [seq[i] for i in rng.permutation(len(seq))]
+
+
+def balanced(rng, values, n):
+    """n values that cycle through `values` in fresh random orders: each is (almost) equally common."""
+    out = []
+    while len(out) < n:
+        out += shuffled(rng, values)
+    return out[:n]
+
+
+# -----------------------------------------------------------------------------
+# scenes: scene graphs, captions, and building blocks for planting a question's answer
+
+
+class Obj(NamedTuple):
+    cell: str
+    colour: str
+    shape: str
+
+
+def scene_of(objs):
+    """The canonical scene graph: objects sorted in cell order, so equal scenes compare equal."""
+    return tuple(sorted(objs, key=lambda o: CELLS.index(o.cell)))
+
+
+def caption(scene):
+    return " , ".join(f"{o.cell} {o.colour} {o.shape}" for o in scene)
+
+
+def parse_caption(text):
+    """The objects of a caption; chunks that are not `cell colour shape` (a model's slips) are skipped."""
+    objs = []
+    for chunk in text.split(","):
+        words = chunk.split()
+        if len(words) == 3 and words[0] in CELLS and words[1] in RGB and words[2] in SHAPES:
+            objs.append(Obj(*words))
+    return objs
+
+
+def random_kind(rng, allow=lambda kind: True):
+    while True:
+        kind = pick(rng, KINDS)
+        if allow(kind):
+            return kind
+
+
+def random_kinds(rng, n, allow=lambda kind: True):
+    return [random_kind(rng, allow) for _ in range(n)]
+
+
+def scatter(rng, kinds, taken=()):
+    """Each (colour, shape) in its own random cell, avoiding the cells of the objects in `taken`."""
+    free = [c for c in CELLS if c not in {o.cell for o in taken}]
+    return [Obj(cell, *kind) for cell, kind in zip(shuffled(rng, free), kinds)]
+
+
+def find(scene, colour=None, shape=None):
+    return [o for o in scene if colour in (None, o.colour) and shape in (None, o.shape)]
+
+
+def neighbour(cell, relation):
+    """The cell that is `relation` `cell`: neighbour("b2", "right of") == "b3"; None off the grid."""
+    dr, dc = RELATIONS[relation]
+    r, c = ROWS.index(cell[0]) + dr, COLS.index(cell[1]) + dc
+    return ROWS[r] + COLS[c] if 0 <= r < len(ROWS) and 0 <= c < len(COLS) else None
+
+
+def related(rng, colour=None, shape=None):
+    """A 4-7 object scene with an anchor unique by colour+shape and a referent in the cell `relation` it.
+
+    The referent gets the given colour / shape. A lure shares the anchor's colour or its shape, so
+    finding the anchor takes both words of its name."""
+    while True:
+        anchor = random_kind(rng)
+        target = (colour or pick(rng, COLOURS), shape or pick(rng, SHAPES))
+        if target != anchor:
+            break
+    relation = pick(rng, list(RELATIONS))
+    cell = pick(rng, [c for c in CELLS if neighbour(c, relation)])
+    fixed = [Obj(cell, *anchor), Obj(neighbour(cell, relation), *target)]
+    lure = random_kind(rng, lambda k: k != anchor and (k[0] == anchor[0] or k[1] == anchor[1]))
+    rest = [lure] + random_kinds(rng, int(rng.integers(1, 5)), lambda k: k != anchor)
+    return scene_of(fixed + scatter(rng, rest, taken=fixed)), fixed[0], relation, fixed[1]
+
+
+def same_colour(rng, shape=None, cell=None):
+    """A 3-7 object scene whose only `key.shape` shares its colour with exactly one other object, `ref`."""
+    colour = pick(rng, COLOURS)
+    ref = Obj(cell or pick(rng, CELLS), colour, shape or pick(rng, SHAPES))
+    key = scatter(rng, [(colour, pick(rng, [s for s in SHAPES if s != ref.shape]))], taken=[ref])[0]
+    rest = random_kinds(rng, int(rng.integers(1, 6)), lambda k: k[0] != colour and k[1] != key.shape)
+    return scene_of([ref, key] + scatter(rng, rest, taken=[ref, key])), key, ref
+
+
+def one_edit(rng, scene):
+    """The scene with one object's colour, shape or cell changed: a caption that is almost right."""
+    i = int(rng.integers(len(scene)))
+    o, what = scene[i], pick(rng, ["colour", "shape", "cell"])
+    if what == "colour":
+        new = o._replace(colour=pick(rng, [c for c in COLOURS if c != o.colour]))
+    elif what == "shape":
+        new = o._replace(shape=pick(rng, [s for s in SHAPES if s != o.shape]))
+    else:
+        new = o._replace(cell=pick(rng, [c for c in CELLS if c not in {x.cell for x in scene}]))
+    return scene_of(scene[:i] + (new,) + scene[i + 1:])
+
+
+def distinct(make, k, exclude):
+    """k different values from make(), none of them in `exclude`."""
+    seen, out = list(exclude), []
+    while len(out) < k:
+        value = make()
+        if value not in seen:
+            seen.append(value)
+            out.append(value)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the teacher's chain of thought: look (list the objects), hop (copy steps), answer
+
+
+def cot(*steps, answer):
+    return " . ".join([*steps, f"answer : {answer}"])
+
+
+def say(obj):
+    return f"{obj.cell} is {obj.colour} {obj.shape}"
+
+
+def hop(anchor, relation, ref):
+    return [f"the {anchor.colour} {anchor.shape} is at {anchor.cell}", f"{relation} {anchor.cell} is {ref.cell}",
+            say(ref)]
+
+
+def match(key, ref):
+    return [f"the {key.shape} is at {key.cell}", say(key), f"{key.colour} is also at {ref.cell}"]
+
+
+# -----------------------------------------------------------------------------
+# queries: one maker per task, (rng, difficulty, intended answer, n candidates) -> Query
+
+
+class SceneImage(NamedTuple):  # an image candidate: the whole scene
+    scene: tuple
+
+
+class CropImage(NamedTuple):  # an image candidate: one object's cell, cut from the scene's image
+    scene: tuple
+    obj: Obj
+
+
+@dataclass
+class Query:
+    scene: tuple | None  # what the query image shows; None for the text-only T2I query
+    text: str  # what follows the task's instruction in the query ("" where MMEB has no question)
+    prompt: str  # the bare question, for pretraining (no MMEB instruction)
+    answer: str
+    cot: str
+    candidates: list  # gold first: str (text), SceneImage or CropImage
+
+
+ANSWER_TYPES = [COLOURS, SHAPES, NUMBERS, CELLS]
+
+
+def labels(rng, gold, n):
+    """gold, the other words of its answer type, then words of the other types: n distinct labels."""
+    own = next(words for words in ANSWER_TYPES if gold in words)
+    rest = [w for words in ANSWER_TYPES if words is not own for w in words]
+    return [gold] + (shuffled(rng, [w for w in own if w != gold]) + shuffled(rng, rest))[:n - 1]
+
+
+def color_cls(rng, difficulty, colour, n_cand):
+    if difficulty == "easy":
+        colours = [colour] * int(rng.integers(3, 8))
+    else:
+        colours = majority(rng, colour, int(rng.integers(5, 8)))
+    scene = scene_of(scatter(rng, [(c, pick(rng, SHAPES)) for c in colours]))
+    groups = {}  # colour -> its cells, colours in order of first appearance
+    for o in scene:
+        groups.setdefault(o.colour, []).append(o.cell)
+    steps = [f"{c} {' '.join(cells)} {number(len(cells))}" for c, cells in groups.items()]
+    return Query(scene, "", "what is the most common colour ?", colour, cot(caption(scene), *steps, answer=colour),
+                 labels(rng, colour, n_cand))
+
+
+def majority(rng, colour, n):
+    """n colours from 2-3 distinct ones where `colour` wins by exactly one: a count, not a glance."""
+    others = [c for c in COLOURS if c != colour]
+    while True:
+        palette = [colour] + shuffled(rng, others)[:int(rng.integers(1, 3))]
+        colours = [pick(rng, palette) for _ in range(n)]
+        counts = sorted((colours.count(c) for c in set(colours)), reverse=True)
+        if len(counts) > 1 and colours.count(colour) == counts[0] == counts[1] + 1:
+            return colours
+
+
+def count_cls(rng, difficulty, n, n_cand):
+    scene = scene_of(scatter(rng, random_kinds(rng, n)))
+    # a numbered listing: the count is a copy of the last index
+    look = " , ".join(f"{number(i + 1)} {o.cell} {o.colour} {o.shape}" for i, o in enumerate(scene))
+    return Query(scene, "", "how many objects are there ?", number(n), cot(look, answer=number(n)),
+                 labels(rng, number(n), n_cand))
+
+
+def color_vqa(rng, difficulty, colour, n_cand):
+    if difficulty == "easy":
+        shape = pick(rng, SHAPES)
+        rest = random_kinds(rng, int(rng.integers(2, 7)), lambda k: k[1] != shape)
+        scene = scene_of(scatter(rng, [(colour, shape)] + rest))
+        (ref,) = find(scene, shape=shape)
+        question, steps = f"what colour is the {shape} ?", [f"the {shape} is at {ref.cell}", say(ref)]
+    else:
+        scene, anchor, relation, ref = related(rng, colour=colour)
+        question = f"what colour is the object {relation} the {anchor.colour} {anchor.shape} ?"
+        steps = hop(anchor, relation, ref)
+    return Query(scene, question, question, colour, cot(caption(scene), *steps, answer=colour),
+                 labels(rng, colour, n_cand))
+
+
+def shape_vqa(rng, difficulty, shape, n_cand):
+    if difficulty == "easy":
+        colour = pick(rng, COLOURS)
+        rest = random_kinds(rng, int(rng.integers(2, 7)), lambda k: k[0] != colour)
+        scene = scene_of(scatter(rng, [(colour, shape)] + rest))
+        (ref,) = find(scene, colour=colour)
+        question, steps = f"what shape is the {colour} object ?", [f"the {colour} object is at {ref.cell}", say(ref)]
+    elif rng.random() < 0.5:
+        scene, anchor, relation, ref = related(rng, shape=shape)
+        question = f"what shape is the object {relation} the {anchor.colour} {anchor.shape} ?"
+        steps = hop(anchor, relation, ref)
+    else:
+        scene, key, ref = same_colour(rng, shape=shape)
+        question = f"what shape is the object with the same colour as the {key.shape} ?"
+        steps = match(key, ref) + [say(ref)]
+    return Query(scene, question, question, shape, cot(caption(scene), *steps, answer=shape),
+                 labels(rng, shape, n_cand))
+
+
+def where_vqa(rng, difficulty, cell, n_cand):
+    if difficulty == "easy":
+        ref = Obj(cell, *random_kind(rng))
+        colour, shape = ref.colour, ref.shape
+        rest = random_kinds(rng, int(rng.integers(2, 7)), lambda k: k[0] != colour and k[1] != shape)
+        scene = scene_of([ref] + scatter(rng, rest, taken=[ref]))
+        question, steps = f"where is the {colour} {shape} ?", [f"the {colour} {shape} is at {cell}"]
+    else:
+        scene, key, ref = same_colour(rng, cell=cell)
+        question, steps = f"where is the object with the same colour as the {key.shape} ?", match(key, ref)
+    return Query(scene, question, question, cell, cot(caption(scene), *steps, answer=cell),
+                 labels(rng, cell, n_cand))
+
+
+def i2t(rng, difficulty, n, n_cand):
+    scene = scene_of(scatter(rng, random_kinds(rng, n)))
+    gold = caption(scene)
+    if difficulty == "easy":
+        other = lambda: caption(scene_of(scatter(rng, random_kinds(rng, int(rng.integers(2, 4))))))
+    else:
+        other = lambda: caption(one_edit(rng, scene))
+    return Query(scene, "", "what is in the image ?", gold, cot(gold, answer=gold),
+                 [gold] + distinct(other, n_cand - 1, exclude=[gold]))
+
+
+def t2i(rng, difficulty, kind, n_cand):
+    """A text-only query; its CoT and answer can only restate what the image must show."""
+    name = f"{kind[0]} {kind[1]}"
+    if difficulty == "easy":
+        gold = scene_of(scatter(rng, [kind] + random_kinds(rng, int(rng.integers(2, 7)), lambda k: k != kind)))
+        without = lambda: scene_of(scatter(rng, random_kinds(rng, int(rng.integers(3, 8)), lambda k: k != kind)))
+        negatives = distinct(without, n_cand - 1, exclude=[gold])
+        text, answer, steps = f"an image with a {name}", name, [name]
+    else:
+        other, relation = random_kind(rng, lambda k: k != kind), pick(rng, list(RELATIONS))
+        other_name = f"{other[0]} {other[1]}"
+        # "a red circle left of a blue square": the circle is in the cell left of the square
+        b_cell = pick(rng, [c for c in CELLS if neighbour(c, relation)])
+        pair = [Obj(neighbour(b_cell, relation), *kind), Obj(b_cell, *other)]
+        fill = lambda k: random_kinds(rng, k, lambda x: x not in (kind, other))
+        gold = scene_of(pair + scatter(rng, fill(int(rng.integers(1, 6))), taken=pair))
+        negatives = distinct(lambda: apart(rng, kind, other, relation, fill), n_cand - 1, exclude=[gold])
+        text, answer = f"an image with a {name} {relation} a {other_name}", f"{name} {relation} {other_name}"
+        steps = [f"{name} , {other_name}", f"{other_name} is {INVERSE[relation]} {name}"]
+    return Query(None, text, text, answer, cot(*steps, answer=answer),
+                 [SceneImage(gold)] + [SceneImage(s) for s in negatives])
+
+
+def apart(rng, kind, other, relation, fill):
+    """A scene with one `kind` and one `other`, the first not `relation` the second."""
+    while True:
+        a, b = scatter(rng, [kind, other])
+        if a.cell != neighbour(b.cell, relation):
+            return scene_of([a, b] + scatter(rng, fill(int(rng.integers(1, 6))), taken=[a, b]))
+
+
+def ground(rng, difficulty, kind, n_cand):
+    colour, shape = kind
+    if difficulty == "easy":
+        scene = scene_of(scatter(rng, [kind] + random_kinds(rng, int(rng.integers(2, 7)), lambda k: k != kind)))
+        (ref,) = find(scene, colour, shape)
+        phrase, steps = f"the {colour} {shape}", [f"the {colour} {shape} is at {ref.cell}"]
+    else:
+        scene, anchor, relation, ref = related(rng, colour, shape)
+        phrase, steps = f"the object {relation} the {anchor.colour} {anchor.shape}", hop(anchor, relation, ref)
+    answer = f"{colour} {shape}"
+    return Query(scene, phrase, f"what is {phrase} ?", answer, cot(caption(scene), *steps, answer=answer),
+                 [CropImage(scene, ref)] + crop_distractors(rng, scene, kind, n_cand - 1))
+
+
+def crop_distractors(rng, scene, kind, k):
+    """Crops of the image's other objects (the hardest negatives), then of filler scenes' objects;
+    each shows a colour+shape no other candidate shows, so no two candidates look alike."""
+    pool, out, shown = [(scene, o) for o in shuffled(rng, scene)], [], {kind}
+    while len(out) < k:
+        if not pool:
+            filler = scene_of(scatter(rng, random_kinds(rng, 7)))
+            pool = [(filler, o) for o in filler]
+        source, o = pool.pop(0)
+        if (o.colour, o.shape) not in shown:
+            shown.add((o.colour, o.shape))
+            out.append(CropImage(source, o))
+    return out
+
+
+@dataclass(frozen=True)
+class Task:
+    make: Callable  # (rng, difficulty, goal, n_candidates) -> Query
+    goals: dict  # difficulty -> the values the intended answer is balanced over
+    instruction: str  # MMEB-style query instruction
+
+
+TASKS = {
+    "ColorCLS": Task(color_cls, dict(easy=COLOURS, hard=COLOURS),
+                     "represent the given image for classification by its most common colour"),
+    "CountCLS": Task(count_cls, dict(easy=[1, 2, 3], hard=[5, 6, 7, 8]),
+                     "represent the given image for classification by the number of objects"),
+    "ColorVQA": Task(color_vqa, dict(easy=COLOURS, hard=COLOURS),
+                     "represent the given image with the following question :"),
+    "ShapeVQA": Task(shape_vqa, dict(easy=SHAPES, hard=SHAPES),
+                     "represent the given image with the following question :"),
+    "WhereVQA": Task(where_vqa, dict(easy=CELLS, hard=CELLS),
+                     "represent the given image with the following question :"),
+    "I2T": Task(i2t, dict(easy=[2, 3], hard=[5, 6, 7]), "find a caption describing the given image"),
+    "T2I": Task(t2i, dict(easy=KINDS, hard=KINDS), "find an image that matches the given caption :"),
+    "Ground": Task(ground, dict(easy=KINDS, hard=KINDS),
+                   "select the portion of the image that isolates the object labeled as :"),
+}
+
+
+def vocabulary():
+    """Every word the generator can emit (`<|image_1|>` aside), sorted."""
+    texts = [GLUE, TARGET_IMAGE, TARGET_CROP, *COLOURS, *SHAPES, *NUMBERS, *CELLS, *RELATIONS,
+             *(task.instruction for task in TASKS.values())]
+    return sorted(set(" ".join(texts).split()))
+
+
+def join(*parts):
+    return " ".join(p for p in parts if p)
+
+
+def query_text(task, query):
+    return join(IMAGE if query.scene else "", TASKS[task].instruction, query.text)
+
+
+def target_instruction(candidate):
+    if isinstance(candidate, SceneImage):
+        return join(IMAGE, TARGET_IMAGE)
+    return join(IMAGE, TARGET_CROP) if isinstance(candidate, CropImage) else ""
+
+
+# -----------------------------------------------------------------------------
+# drawing and writing: a Split owns a random stream, the scenes it has used, and its files
+
+
+def render(scene, rng):
+    """The scene as a 112x112 image; each shape is 20-24 px with +-2 px jitter, always inside its cell."""
+    image = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for o in scene:
+        size = int(rng.integers(20, 25))
+        top, left = ROWS.index(o.cell[0]) * CELL, COLS.index(o.cell[1]) * CELL
+        x0, y0 = (min(max(start + (CELL - size) // 2 + int(rng.integers(-2, 3)), start), start + CELL - size)
+                  for start in (left, top))
+        x1, y1, fill = x0 + size - 1, y0 + size - 1, RGB[o.colour]  # PIL boxes include their far edge
+        if o.shape == "circle":
+            draw.ellipse([x0, y0, x1, y1], fill=fill)
+        elif o.shape == "square":
+            draw.rectangle([x0, y0, x1, y1], fill=fill)
+        elif o.shape == "triangle":
+            draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
+        else:  # cross: a plus sign with bars a third of its size thick
+            t0, t1 = x0 + size // 3, x0 + size - size // 3 - 1
+            u0, u1 = y0 + size // 3, y0 + size - size // 3 - 1
+            draw.rectangle([t0, y0, t1, y1], fill=fill)
+            draw.rectangle([x0, u0, x1, u1], fill=fill)
+    return image
+
+
+STREAMS = {"train": 0, "eval": 1}  # separate random streams per split, from one seed
+
+
+class Split:
+    """One side of the train/eval divide: its own random stream, the scenes it used, the files it wrote."""
+
+    def __init__(self, name, out, seed, forbidden=frozenset()):
+        self.name, self.out, self.forbidden = name, out, forbidden
+        self.rng = np.random.default_rng([seed, STREAMS[name]])
+        self.captions = set()  # every scene graph this split has shown (query images and image candidates)
+        self.described = []  # (path, what it shows) of every image and crop written: pretraining's `describe`
+        self.n_images = 0
+        for part in ("images", "crops"):
+            (out / part / name).mkdir(parents=True, exist_ok=True)
+
+    def queries(self, task, n, n_cand):
+        """n queries of one task, half easy (the odd one out is easy) and half hard, answers balanced."""
+        spec = TASKS[task]
+        for difficulty, k in zip(DIFFICULTIES, (n - n // 2, n // 2)):
+            for goal in balanced(self.rng, spec.goals[difficulty], k):
+                query = spec.make(self.rng, difficulty, goal, n_cand)
+                while not self.admit(query):
+                    query = spec.make(self.rng, difficulty, goal, n_cand)
+                yield difficulty, query
+
+    def admit(self, query):
+        """Keep the query unless one of its scenes belongs to the other split."""
+        scenes = [c.scene for c in query.candidates if not isinstance(c, str)]
+        scenes += [query.scene] if query.scene else []
+        if any(caption(s) in self.forbidden for s in scenes):
+            return False
+        self.captions.update(caption(s) for s in scenes)
+        return True
+
+    def files(self, query):
+        """Write the query's images and crops: (query image path or "", [(text, image path)] per candidate).
+
+        Every query draws its own images (a scene graph that recurs gets fresh jitter, so no two rows
+        are identical); within a query a crop is cut from the very image the query shows."""
+        drawn = {}  # scene -> (path, image)
+
+        def image(scene):
+            if scene not in drawn:
+                path = f"images/{self.name}/{self.n_images:06d}.png"
+                drawn[scene] = path, render(scene, self.rng)
+                drawn[scene][1].save(self.out / path)
+                self.n_images += 1
+                self.described.append((path, caption(scene)))
+            return drawn[scene]
+
+        def target(candidate):
+            if isinstance(candidate, str):
+                return candidate, ""
+            if isinstance(candidate, SceneImage):
+                return "", image(candidate.scene)[0]
+            return "", self.crop(*image(candidate.scene), candidate.obj)
+
+        return image(query.scene)[0] if query.scene else "", [target(c) for c in query.candidates]
+
+    def crop(self, source, image, obj):
+        """The object's 28 px cell of `image` (saved at `source`), upscaled (nearest) to 56 px."""
+        top, left = ROWS.index(obj.cell[0]) * CELL, COLS.index(obj.cell[1]) * CELL
+        path = f"crops/{self.name}/{Path(source).stem}_{obj.cell}.png"
+        image.crop((left, top, left + CELL, top + CELL)).resize((CROP, CROP), Image.NEAREST).save(self.out / path)
+        self.described.append((path, f"{obj.colour} {obj.shape}"))
+        return path
+
+
+# -----------------------------------------------------------------------------
+# the on-disk formats
+
+EVAL_SCHEMA = pa.schema([("qry_inst", pa.string()), ("qry_text", pa.string()), ("qry_img_path", pa.string()),
+                         ("tgt_inst", pa.string()), ("tgt_text", pa.list_(pa.string())),
+                         ("tgt_img_path", pa.list_(pa.string())), ("difficulty", pa.string()),
+                         ("answer", pa.string()), ("cot", pa.string()), ("scene", pa.string())])
+TRAIN_SCHEMA = pa.schema([(name, pa.string()) for name in (
+    "qry", "qry_image_path", "pos_text", "pos_image_path", "neg_text", "neg_image_path",
+    "cot", "task", "difficulty", "answer", "scene")])
+
+
+def eval_row(task, difficulty, query, image, targets):
+    texts, paths = zip(*targets)
+    gold = query.candidates[0]
+    return dict(qry_inst="", qry_text=query_text(task, query), qry_img_path=image,
+                tgt_inst=target_instruction(gold), tgt_text=list(texts), tgt_img_path=list(paths),
+                difficulty=difficulty, answer=query.answer, cot=query.cot, scene=caption(query.scene or gold.scene))
+
+
+def train_row(task, difficulty, query, image, targets):
+    (pos_text, pos_path), (neg_text, neg_path) = targets[:2]
+    inst = target_instruction(query.candidates[0])  # MMEB-train keeps an image target's instruction in its text
+    return dict(qry=query_text(task, query), qry_image_path=image, pos_text=join(inst, pos_text),
+                pos_image_path=pos_path, neg_text=join(inst, neg_text), neg_image_path=neg_path, cot=query.cot,
+                task=task, difficulty=difficulty, answer=query.answer,
+                scene=caption(query.scene or query.candidates[0].scene))
+
+
+def pretrain_lines(difficulty, query, image):
+    """The bare question answered directly, and the same question answered by thinking first."""
+    return [dict(image=image, prompt=query.prompt, completion=f"answer : {query.answer}", kind="direct",
+                 difficulty=difficulty),
+            dict(image=image, prompt=f"{query.prompt} think :", completion=query.cot, kind="think",
+                 difficulty=difficulty)]
+
+
+def describe_lines(split):
+    return [dict(image=path, prompt="describe :", completion=shows, kind="describe", difficulty="")
+            for path, shows in split.described]
+
+
+def write_jsonl(lines, path):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+
+
+def generate(out_dir, seed=0, train_scenes=9000, eval_queries=200, n_candidates=10):
+    """Write the world under out_dir (its own subfolders are replaced) and return world.json's summary."""
+    if not 10 <= n_candidates <= len(KINDS):
+        raise ValueError(f"n_candidates must be 10..{len(KINDS)} (Ground shows {len(KINDS)} kinds), got {n_candidates}")
+    start = time.perf_counter()
+    out = Path(out_dir)
+    for part in ("images", "crops", "eval", "train"):
+        shutil.rmtree(out / part, ignore_errors=True)
+    (out / "eval").mkdir(parents=True)
+    (out / "train").mkdir()
+    counts = {"eval": {}, "train": {}}
+
+    # eval first, so it is the same whatever --train-scenes is; train then avoids eval's scene graphs
+    ev, eval_lines = Split("eval", out, seed), []
+    for task in TASKS:
+        rows = []
+        for difficulty, query in ev.queries(task, eval_queries, n_candidates):
+            image, targets = ev.files(query)
+            rows.append(eval_row(task, difficulty, query, image, targets))
+            eval_lines += pretrain_lines(difficulty, query, image)
+        pq.write_table(pa.Table.from_pylist(rows, schema=EVAL_SCHEMA), out / "eval" / f"{task}.parquet")
+        counts["eval"][task] = {d: sum(r["difficulty"] == d for r in rows) for d in DIFFICULTIES}
+    write_jsonl(describe_lines(ev) + eval_lines, out / "pretrain_eval.jsonl")
+
+    tr, rows, lines = Split("train", out, seed, forbidden=ev.captions), [], []
+    per_task = [train_scenes // len(TASKS) + (i < train_scenes % len(TASKS)) for i in range(len(TASKS))]
+    for task, n in zip(TASKS, per_task):
+        for difficulty, query in tr.queries(task, n, 2):  # two candidates: the positive and one hard negative
+            image, targets = tr.files(query)
+            rows.append(train_row(task, difficulty, query, image, targets))
+            lines += pretrain_lines(difficulty, query, image)
+        counts["train"][task] = {d: sum(r["task"] == task and r["difficulty"] == d for r in rows) for d in DIFFICULTIES}
+    rows = shuffled(tr.rng, rows)
+    pq.write_table(pa.Table.from_pylist(rows, schema=TRAIN_SCHEMA), out / "train" / "train.parquet")
+    lines = describe_lines(tr) + lines
+    write_jsonl(lines, out / "pretrain.jsonl")
+    summary = dict(seed=seed, train_scenes=train_scenes, eval_queries=eval_queries, n_candidates=n_candidates,
+                   tasks=list(TASKS), vocabulary=vocabulary(), counts=counts,
+                   images={s.name: s.n_images for s in (tr, ev)},
+                   crops={s.name: len(s.described) - s.n_images for s in (tr, ev)}, pretrain_lines=len(lines),
+                   seconds=round(time.perf_counter() - start, 1))
+    (out / "world.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Generate the mini world: images, MMEB-style tasks, pretraining text.")
+    parser.add_argument("--out", default="data/world", help="output directory; also the image root of the parquets")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files")
+    parser.add_argument("--train-scenes", type=int, default=9000, help="train scenes, one train query each")
+    parser.add_argument("--eval-queries", type=int, default=200, help="eval queries per task, half easy, half hard")
+    parser.add_argument("--candidates", type=int, default=10, help="candidates per eval query, gold first (>= 10)")
+    args = parser.parse_args()
+    s = generate(args.out, args.seed, args.train_scenes, args.eval_queries, args.candidates)
+    print(f"wrote {args.out}: {sum(sum(c.values()) for c in s['counts']['train'].values())} train rows, "
+          f"{sum(sum(c.values()) for c in s['counts']['eval'].values())} eval queries, "
+          f"{s['images']['train'] + s['images']['eval']} images, {s['crops']['train'] + s['crops']['eval']} crops, "
+          f"{s['pretrain_lines']} pretrain lines in {s['seconds']} s")
