@@ -457,23 +457,24 @@ class Task:
     make: Callable  # (rng, difficulty, goal, n_candidates) -> Query
     goals: dict  # difficulty -> the values the intended answer is balanced over
     instruction: str  # MMEB-style query instruction
+    meta: str  # MMEB meta-task: CLS, VQA, RET or GRD
 
 
 TASKS = {
     "ColorCLS": Task(color_cls, dict(easy=COLOURS, hard=COLOURS),
-                     "represent the given image for classification by its most common colour"),
+                     "represent the given image for classification by its most common colour", "CLS"),
     "CountCLS": Task(count_cls, dict(easy=[1, 2, 3], hard=[5, 6, 7, 8]),
-                     "represent the given image for classification by the number of objects"),
+                     "represent the given image for classification by the number of objects", "CLS"),
     "ColorVQA": Task(color_vqa, dict(easy=COLOURS, hard=COLOURS),
-                     "represent the given image with the following question :"),
+                     "represent the given image with the following question :", "VQA"),
     "ShapeVQA": Task(shape_vqa, dict(easy=SHAPES, hard=SHAPES),
-                     "represent the given image with the following question :"),
+                     "represent the given image with the following question :", "VQA"),
     "WhereVQA": Task(where_vqa, dict(easy=CELLS, hard=CELLS),
-                     "represent the given image with the following question :"),
-    "I2T": Task(i2t, dict(easy=[2, 3], hard=[5, 6, 7]), "find a caption describing the given image"),
-    "T2I": Task(t2i, dict(easy=KINDS, hard=KINDS), "find an image that matches the given caption :"),
+                     "represent the given image with the following question :", "VQA"),
+    "I2T": Task(i2t, dict(easy=[2, 3], hard=[5, 6, 7]), "find a caption describing the given image", "RET"),
+    "T2I": Task(t2i, dict(easy=KINDS, hard=KINDS), "find an image that matches the given caption :", "RET"),
     "Ground": Task(ground, dict(easy=KINDS, hard=KINDS),
-                   "select the portion of the image that isolates the object labeled as :"),
+                   "select the portion of the image that isolates the object labeled as :", "GRD"),
 }
 
 
@@ -661,6 +662,8 @@ def generate(out_dir, seed=0, train_scenes=9000, eval_queries=200, n_candidates=
             image, targets = ev.files(query)
             rows.append(eval_row(task, difficulty, query, image, targets))
             eval_lines += pretrain_lines(difficulty, query, image)
+        # easy and hard interleaved, so the first N rows (evaluate.py --limit N) are a fair sample
+        rows = shuffled(np.random.default_rng([seed, len(task), sum(map(ord, task))]), rows)
         pq.write_table(pa.Table.from_pylist(rows, schema=EVAL_SCHEMA), out / "eval" / f"{task}.parquet")
         counts["eval"][task] = {d: sum(r["difficulty"] == d for r in rows) for d in DIFFICULTIES}
     write_jsonl(describe_lines(ev) + eval_lines, out / "pretrain_eval.jsonl")
@@ -678,7 +681,7 @@ def generate(out_dir, seed=0, train_scenes=9000, eval_queries=200, n_candidates=
     lines = describe_lines(tr) + lines
     write_jsonl(lines, out / "pretrain.jsonl")
     summary = dict(seed=seed, train_scenes=train_scenes, eval_queries=eval_queries, n_candidates=n_candidates,
-                   tasks=list(TASKS), vocabulary=vocabulary(), counts=counts,
+                   tasks=list(TASKS), meta_tasks={n: t.meta for n, t in TASKS.items()}, vocabulary=vocabulary(), counts=counts,
                    images={s.name: s.n_images for s in (tr, ev)},
                    crops={s.name: len(s.described) - s.n_images for s in (tr, ev)}, pretrain_lines=len(lines),
                    seconds=round(time.perf_counter() - start, 1))

@@ -1,0 +1,180 @@
+"""
+What the training scripts share: the compute setup (device, DDP, autocast), the cross-rank gather,
+the contrastive loss, and checkpoints that resume exactly.
+
+Not a framework: a handful of functions `train_sft.py` and `train_rl.py` call from their own loops.
+
+DDP is detected from torchrun's environment variables (RANK, WORLD_SIZE, LOCAL_RANK): gloo on CPU,
+nccl on CUDA. There is no DistributedDataParallel wrapper: the trainable parameters are a few LoRA
+matrices, and the contrastive loss needs every rank's embeddings anyway, so each rank computes the
+*global* loss from gathered embeddings and the gradients are summed across ranks once per step
+(`sync_grads`), after all micro-steps. See `gather` for why that sum is exactly the single-process
+gradient.
+"""
+
+import contextlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import lora
+
+# -----------------------------------------------------------------------------
+# compute setup
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world: int
+    device: torch.device
+    autocast: object  # a context manager factory: `with rt.autocast():`
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def setup(device=None, seed=0) -> Runtime:
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    rank, world = 0, 1
+    if ddp:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+    torch.manual_seed(seed)  # same seed on every rank: identical adapter init, no broadcast needed
+    random.seed(seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    else:
+        autocast = contextlib.nullcontext  # fp32 on CPU: exact, and resumes bitwise
+    return Runtime(rank, world, device, autocast)
+
+
+def teardown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# cross-rank pieces
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows of `x`, concatenated in rank order, with this rank's slot still differentiable.
+
+    all_gather returns detached copies; putting the local tensor back in its slot keeps its gradient.
+    Every rank then computes the same global loss, but each one's backward only reaches its own
+    embeddings; summing the gradients over ranks (`sync_grads`) adds up exactly the single-process
+    gradient of that loss.
+    """
+    if not dist.is_initialized():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts)
+
+
+def gather_objects(objs: list) -> list:
+    if not dist.is_initialized():
+        return objs
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, objs)
+    return [o for part in parts for o in part]
+
+
+def sync_grads(params):
+    """Sum gradients over ranks (one flat all-reduce); see `gather` for why a sum, not a mean."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p).clone()
+
+
+def mean_over_ranks(value: float) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+# -----------------------------------------------------------------------------
+# the contrastive loss
+
+
+def info_nce(q, t, pos, same, tau):
+    """InfoNCE of queries against targets, with duplicated targets masked out.
+
+    q: (B, H) and t: (N, H) L2-normalised; pos: (B,) the column of each query's positive;
+    same: (B, N) True where a column shows the *same* target as the query's positive (e.g. the answer
+    "red" for two queries in one batch). Those columns are not negatives: pushing a query away from
+    its own answer's duplicate would teach nothing but noise, so they are masked, the positive kept.
+    """
+    logits = q.float() @ t.float().T / tau  # (B, N)
+    own = F.one_hot(pos, t.shape[0]).bool()
+    logits = logits.masked_fill(same & ~own, float("-inf"))
+    return F.cross_entropy(logits, pos)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: a complete directory per checkpoint, then an atomic pointer to it
+
+
+def save_checkpoint(out_dir, step, twn, opt, meta):
+    """out/ckpt-<step>/ (adapters, optimizer, RNG) then out/latest -> it; a kill at any moment leaves
+    `latest` pointing at a complete checkpoint."""
+    name = f"ckpt-{step:07d}"
+    path = os.path.join(out_dir, name)
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    twn.save(path)
+    state = opt.state_dict()
+    tensors = {f"{i}.{k}": v.contiguous() for i, s in state["state"].items() for k, v in s.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, os.path.join(path, "optimizer.safetensors"))
+    lora.write_json(os.path.join(path, "trainer.json"),
+                    {"step": step, "param_groups": state["param_groups"], "python_rng": random.getstate(), **meta})
+    lora._atomic(os.path.join(out_dir, "latest"), lambda tmp: open(tmp, "w").write(name))
+    for old in os.listdir(out_dir):
+        if old.startswith("ckpt-") and old != name:
+            shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
+
+
+def load_checkpoint(out_dir, twn, opt):
+    """Restore the latest checkpoint in `out_dir`, if any; returns (step, meta) or (0, None)."""
+    pointer = os.path.join(out_dir, "latest")
+    if not os.path.exists(pointer):
+        return 0, None
+    path = os.path.join(out_dir, open(pointer).read().strip())
+    twn.load(path)
+    with open(os.path.join(path, "trainer.json")) as f:
+        meta = json.load(f)
+    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    state = {}
+    for key, value in tensors.items():
+        i, k = key.split(".", 1)
+        state.setdefault(int(i), {})[k] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    v, internal, gauss = meta["python_rng"]
+    random.setstate((v, tuple(internal), gauss))
+    return meta["step"], meta
