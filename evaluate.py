@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+import gate as gate_lib
 import model as twn_model
 import runtime
 from data.collate import Processor
@@ -122,8 +123,8 @@ class Embedder:
             else:
                 gate_says = torch.full((len(e0),), "think" in modes, dtype=torch.bool, device=e0.device)
             decode = torch.ones_like(gate_says) if "think" in modes else gate_says
-            out = [dict(nothink=e0[i].float().cpu(), cot="", tokens=0, thought=bool(gate_says[i]))
-                   for i in range(len(e0))]
+            out = [dict(nothink=e0[i].float().cpu(), state=pooled[i].float().cpu(), cot="", tokens=0,
+                        thought=bool(gate_says[i])) for i in range(len(e0))]
             rows = decode.nonzero().squeeze(1)
             if len(rows):
                 # only the rows that think decode, continuing from their cached encoding
@@ -176,7 +177,7 @@ def evaluate_image_task(task, emb, modes, limit):
     per_query = []
     for q, o in zip(queries, outs):
         cols = torch.tensor([index[(c.text, c.image)] for c in q.candidates])
-        row = dict(meta=q.meta, cot=o["cot"], tokens=o["tokens"], thought=o["thought"])
+        row = dict(meta=q.meta, cot=o["cot"], tokens=o["tokens"], thought=o["thought"], state=o["state"])
         for mode in modes:
             s = cand[cols] @ o[mode]
             row[mode] = hit_at_1(s)
@@ -198,7 +199,7 @@ def evaluate_visdoc(task, emb, modes, limit):
         rel = torch.zeros(len(vd.corpus_ids))
         for cid, grade in vd.qrels.get(qid, {}).items():
             rel[col[cid]] = grade
-        row = dict(meta={}, cot=o["cot"], tokens=o["tokens"], thought=o["thought"])
+        row = dict(meta={}, cot=o["cot"], tokens=o["tokens"], thought=o["thought"], state=o["state"])
         for mode in modes:
             row[mode] = ndcg_at_k(corpus @ o[mode], rel)
         per_query.append(row)
@@ -206,21 +207,26 @@ def evaluate_visdoc(task, emb, modes, limit):
 
 
 def summarise(rows, modes, seconds=None):
-    n = len(rows)
-    out = {"n": n}
+    """Scores in %, the gate's think rate, and reasoning tokens per query for each thinking mode."""
+    n = max(len(rows), 1)
+    out = {"n": len(rows)}
     for mode in modes:
-        out[mode] = 100 * sum(r[mode] for r in rows) / max(n, 1)
-    out["think_rate"] = sum(r["thought"] for r in rows) / max(n, 1)
-    out["tokens"] = sum(r["tokens"] for r in rows) / max(n, 1)
+        out[mode] = 100 * sum(r[mode] for r in rows) / n
+    out["think_rate"] = sum(r["thought"] for r in rows) / n
+    if "think" in modes:
+        out["tokens_think"] = sum(r["tokens"] for r in rows) / n  # every query decoded
+    if "adaptive" in modes:
+        out["tokens_adaptive"] = sum(r["tokens"] * r["thought"] for r in rows) / n  # only those the gate sent
     if seconds is not None:
-        out["qps"] = n / max(seconds, 1e-9)
+        out["qps"] = len(rows) / max(seconds, 1e-9)
     return out
 
 
 def overall(results, modes):
     """MMEB's way: the mean of per-task scores (macro), overall and per difficulty."""
     def macro(parts):
-        out = {k: sum(p[k] for p in parts) / len(parts) for k in (*modes, "think_rate", "tokens")}
+        keys = [k for k in parts[0] if k not in ("n", "qps")]
+        out = {k: sum(p[k] for p in parts) / len(parts) for k in keys}
         return dict(n=sum(p["n"] for p in parts), **out)
     r = {"meta": "", "all": macro([t["all"] for t in results.values()])}
     diffs = sorted({d for t in results.values() for d in t.get("by_difficulty", {})})
@@ -235,16 +241,106 @@ def overall(results, modes):
 
 
 def print_table(results, modes):
-    head = f"{'task':<16}{'meta':<7}{'n':>5}" + "".join(f"{m:>10}" for m in modes) + f"{'think%':>8}{'tok/q':>7}{'q/s':>7}"
+    extra = [("think%", "think_rate", 100, "adaptive"), ("tok think", "tokens_think", 1, "think"),
+             ("tok adapt", "tokens_adaptive", 1, "adaptive")]
+    extra = [e for e in extra if e[3] in modes]
+    head = f"{'task':<16}{'meta':<7}{'n':>5}" + "".join(f"{m:>10}" for m in modes) + "".join(f"{e[0]:>10}" for e in extra) + f"{'q/s':>7}"
     print(head)
     print("-" * len(head))
+
+    def line(name, meta, s, qps=True):
+        cells = "".join(f"{s[m]:>10.1f}" for m in modes) + "".join(f"{s[key] * scale:>10.1f}" for _, key, scale, _ in extra)
+        print(f"{name:<16}{meta:<7}{s['n']:>5}" + cells + (f"{s['qps']:>7.1f}" if qps and "qps" in s else ""))
+
     for name, r in results.items():
-        s = r["all"]
-        line = f"{name:<16}{r['meta']:<7}{s['n']:>5}" + "".join(f"{s[m]:>10.1f}" for m in modes)
-        print(line + f"{100 * s['think_rate']:>8.0f}{s['tokens']:>7.1f}{s.get('qps', 0):>7.1f}")
+        line(name, r["meta"], r["all"])
         for diff, d in r.get("by_difficulty", {}).items():
-            line = f"{'  ' + diff:<16}{'':<7}{d['n']:>5}" + "".join(f"{d[m]:>10.1f}" for m in modes)
-            print(line + f"{100 * d['think_rate']:>8.0f}{d['tokens']:>7.1f}")
+            line("  " + diff, "", d, qps=False)
+
+
+def write_sweep(per_task, gate, out_dir):
+    """Score vs think rate over gate thresholds, macro-averaged over tasks: sweep.csv and sweep.png."""
+    from PIL import Image, ImageDraw
+
+    curves = {name: gate_lib.sweep(p, s0, s1) for name, (p, s0, s1) in per_task.items()}
+    grid = sorted({t for c in curves.values() for t, _, _ in c})
+    rows = []
+    for t in grid:
+        rate = score = 0.0
+        for name, (p, s0, s1) in per_task.items():
+            think = p >= t if t < 1 else torch.zeros_like(p, dtype=torch.bool)
+            rate += think.float().mean().item() / len(per_task)
+            score += 100 * torch.where(think, s1, s0).mean().item() / len(per_task)
+        rows.append((t, rate, score))
+    with open(os.path.join(out_dir, "sweep.csv"), "w") as f:
+        f.write("threshold,think_rate,score\n")
+        f.writelines(f"{t:.6f},{r:.4f},{sc:.3f}\n" for t, r, sc in rows)
+    # a plain PIL plot: score (y) against think rate (x); the saved threshold is the red dot
+    W, H, pad = 640, 420, 50
+    lo, hi = min(r[2] for r in rows) - 1, max(r[2] for r in rows) + 1
+    xy = lambda rate, sc: (pad + rate * (W - 2 * pad), H - pad - (sc - lo) / (hi - lo) * (H - 2 * pad))
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([pad, pad, W - pad, H - pad], outline="black")
+    pts = sorted((xy(r, sc) for _, r, sc in rows))
+    d.line(pts, fill="navy", width=2)
+    chosen = min(rows, key=lambda r: abs(r[0] - gate.threshold.item()))
+    x, y = xy(chosen[1], chosen[2])
+    d.ellipse([x - 5, y - 5, x + 5, y + 5], fill="red")
+    d.text((pad, 15), f"score vs think rate (threshold {gate.threshold.item():.3f}: {100 * chosen[1]:.0f}% think, "
+           f"{chosen[2]:.1f})", fill="black")
+    d.text((pad, H - pad + 8), "0% think", fill="black")
+    d.text((W - pad - 60, H - pad + 8), "100% think", fill="black")
+    d.text((5, pad), f"{hi:.0f}", fill="black")
+    d.text((5, H - pad - 10), f"{lo:.0f}", fill="black")
+    img.save(os.path.join(out_dir, "sweep.png"))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# fitting the gate on the model's own CoTs (called by train_sft.py and train_rl.py)
+
+
+def fit_gate(twn, proc, rt, pairs, out_dir, n=2000, budget=None, batch_size=64, max_cot_tokens=96, held_out=0.2, seed=0):
+    """Self-supervised gate labels from the model's own CoTs, a class-balanced fit, a held-out threshold.
+
+    Each of n training queries ranks its positive among the global cache of every distinct training
+    target, without and with its own greedy CoT; a win is a strictly better rank (gate.win_labels).
+    """
+    g = torch.Generator().manual_seed(seed)
+    chosen = [pairs[i] for i in torch.randperm(len(pairs), generator=g)[:n].tolist()]
+    keys = {}
+    for p in pairs:
+        for t in (p.pos, p.neg):
+            if t is not None:
+                keys.setdefault((t.text, t.image), t)
+    col = {k: j for j, k in enumerate(keys)}
+    emb = Embedder(twn, proc, rt, batch_size, max_cot_tokens)
+    cache = emb.targets(list(keys.values()))  # (N, H): the global cache, embedded once
+    outs = emb.queries([p.query for p in chosen], ["nothink", "think"])
+    pos = torch.tensor([col[(p.pos.text, p.pos.image)] for p in chosen])
+    rank0 = gate_lib.ranks(torch.stack([o["nothink"] for o in outs]) @ cache.T, pos)
+    rank1 = gate_lib.ranks(torch.stack([o["think"] for o in outs]) @ cache.T, pos)
+    labels = gate_lib.win_labels(rank0, rank1)
+    states = torch.stack([o["state"] for o in outs])
+    n_fit = int(len(chosen) * (1 - held_out))
+    gate = gate_lib.Gate(states.shape[1])
+    gate_lib.fit(gate, states[:n_fit], labels[:n_fit], seed=seed)
+    probs = gate.prob(states[n_fit:])
+    hit0, hit1 = (rank0[n_fit:] == 0).float(), (rank1[n_fit:] == 0).float()
+    gate.threshold.fill_(gate_lib.pick_threshold(probs, hit0, hit1, budget))
+    think = gate.decide(states[n_fit:])
+    difficulty = [p.meta.get("difficulty") for p in chosen]
+    info = dict(
+        queries=len(chosen), cache=len(keys), win_rate=labels.mean().item(), budget=budget,
+        win_rate_by_difficulty={d: labels[[i for i, x in enumerate(difficulty) if x == d]].mean().item()
+                                for d in sorted(set(difficulty) - {None})},
+        held_out=dict(n=len(hit0), nothink=hit0.mean().item(), think=hit1.mean().item(),
+                      adaptive=torch.where(think, hit1, hit0).mean().item(), think_rate=think.float().mean().item(),
+                      label_accuracy=((probs >= 0.5).float() == labels[n_fit:]).float().mean().item()))
+    if rt.master:
+        gate_lib.save(gate, out_dir, info)
+    return gate, info
 
 
 def describe(item):
@@ -278,19 +374,18 @@ def main(argv=None):
     g.add_argument("--max-pixels", type=int, default=None, help="cap on image pixels (default: the backbone's)")
     g.add_argument("--max-cot-tokens", type=int, default=96, help="longest CoT the reason adapter may write")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    g.add_argument("--threshold", type=float, default=None, help="override the gate's saved threshold (0: always think, 1: never)")
     g = parser.add_argument_group("output")
     g.add_argument("--out", default=None, help="directory for per-task score files (default: <model>/eval)")
     g.add_argument("--json", default=None, help="path of results.json (default: <out>/results.json)")
     g.add_argument("--show", type=int, default=0, help="print N example queries per task with CoT and top candidates")
+    g.add_argument("--sweep", action="store_true", help="write the score vs think-rate curve over gate thresholds (CSV + PNG)")
     args = parser.parse_args(argv)
 
     modes = [m for m in args.modes.split(",") if m]
     unknown = set(modes) - set(MODES)
     if unknown:
         raise SystemExit(f"--modes: unknown {sorted(unknown)}; choose from {MODES}")
-    gate = None
-    if "adaptive" in modes:
-        raise SystemExit("--modes adaptive needs the think gate (gate.py), which is not built yet; use nothink,think")
 
     rt = runtime.setup(args.device)
     with open(os.path.join(args.model, "twn.json")) as f:
@@ -302,10 +397,20 @@ def main(argv=None):
     twn = twn_model.from_pretrained(backbone, twn_model.read_config(args.model), tokenizer=proc.tokenizer, device=rt.device)
     twn.load(args.model)
     twn.eval()
+    gate = None
+    if "adaptive" in modes or args.sweep:
+        try:
+            gate, _ = gate_lib.load(args.model, rt.device)
+        except FileNotFoundError as e:
+            raise SystemExit(f"--modes adaptive / --sweep: {e}")
+        if args.threshold is not None:
+            gate.threshold.fill_(args.threshold)
+    if args.sweep and not {"nothink", "think"} <= set(modes):
+        raise SystemExit("--sweep needs --modes with nothink and think (it replays the gate over both)")
     emb = Embedder(twn, proc, rt, args.batch_size, args.max_cot_tokens, gate)
 
     out_dir = args.out or os.path.join(args.model, "eval")
-    results = {}
+    results, per_task = {}, {}
     for task in select(discover(args.data), args.task):
         run = evaluate_visdoc if task.graded else evaluate_image_task
         rows, seconds, queries = run(task, emb, modes, args.limit)
@@ -314,6 +419,10 @@ def main(argv=None):
         if diffs:
             r["by_difficulty"] = {d: summarise([x for x in rows if x["meta"].get("difficulty") == d], modes) for d in diffs}
         results[task.name] = r
+        if args.sweep:
+            probs = gate.prob(torch.stack([row["state"] for row in rows]).to(rt.device)).cpu()
+            per_task[task.name] = (probs, torch.tensor([row["nothink"] for row in rows]),
+                                   torch.tensor([row["think"] for row in rows]))
         if rt.master:
             for mode in modes:
                 os.makedirs(os.path.join(out_dir, mode), exist_ok=True)
@@ -325,6 +434,9 @@ def main(argv=None):
     if rt.master:
         results["overall"] = overall(results, modes)
         print_table(results, modes)
+        if args.sweep:
+            write_sweep(per_task, gate, out_dir)
+            print(f"wrote {out_dir}/sweep.csv and sweep.png (score vs think rate over gate thresholds)")
         path = args.json or os.path.join(out_dir, "results.json")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:

@@ -109,6 +109,17 @@ def sync_grads(params):
         p.grad = g.view_as(p).clone()
 
 
+def check_in_sync(params):
+    """Every rank must hold rank 0's parameters (same init, same summed gradients); fail loudly if not."""
+    if not dist.is_initialized():
+        return
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    if not torch.equal(flat, ref):
+        raise RuntimeError(f"rank {dist.get_rank()} diverged from rank 0 (max diff {(flat - ref).abs().max():.3g})")
+
+
 def mean_over_ranks(value: float) -> float:
     if not dist.is_initialized():
         return value

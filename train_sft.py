@@ -62,6 +62,11 @@ g.add_argument("--cot-weight", type=float, default=1.0, help="lambda: weight of 
 g.add_argument("--tau", type=float, default=0.02, help="InfoNCE temperature")
 g.add_argument("--max-cot-tokens", type=int, default=96, help="teacher CoTs are cut to this many tokens")
 g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0: off)")
+g = parser.add_argument_group("think gate (fitted after training on the model's own CoTs)")
+g.add_argument("--gate-queries", type=int, default=2000, help="training queries labelled win/lose for the gate (0: no gate)")
+g.add_argument("--think-budget", type=float, default=None, help="think on this fraction of inputs (default: the "
+               "threshold with the best held-out score)")
+g.add_argument("--gate-only", action="store_true", help="only (re)fit the gate of the model already in --out")
 g = parser.add_argument_group("system")
 g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 g.add_argument("--compile", action="store_true", help="torch.compile the backbone's decoder (CUDA)")
@@ -102,6 +107,9 @@ if args.compile:
 params = [p for p in twn.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 step, _ = runtime.load_checkpoint(args.out, twn, opt)
+if args.gate_only:
+    twn.load(args.out)  # the finished model, not a checkpoint
+    step = args.steps
 if rt.master:
     n = sum(p.numel() for p in params)
     print(f"TWN on {args.backbone}: {n / 1e6:.2f} M trainable ({n / sum(p.numel() for p in twn.backbone.parameters()) * 100:.1f} %), "
@@ -224,10 +232,28 @@ while step < args.steps:
         if rt.master:
             tqdm.write(f"step {step:5d} | nce0 {nce0:.3f} | nce1 {nce1:.3f} | cot {cot:.3f} | "
                        f"grad {norm:.2f} | lr {lr_at(step - 1):.2e} | {(time.time() - t0) / 60:.1f} min")
-    if step % args.ckpt_every == 0 and step < args.steps and rt.master:
-        runtime.save_checkpoint(args.out, step, twn, opt, {"args": vars(args)})
+    if step % args.ckpt_every == 0 and step < args.steps:
+        runtime.check_in_sync(params)
+        if rt.master:
+            runtime.save_checkpoint(args.out, step, twn, opt, {"args": vars(args)})
 bar.close()
-if rt.master:
+runtime.check_in_sync(params)
+if rt.master and not args.gate_only:
     runtime.save_checkpoint(args.out, step, twn, opt, {"args": vars(args)})  # a rerun finds nothing left to do
     twn.save(args.out, extra={"sft": vars(args), "steps": step})
+
+# -----------------------------------------------------------------------------
+# the think gate: label training queries by whether the model's own CoT helped, fit, pick a threshold
+
+if args.gate_queries:
+    from evaluate import fit_gate
+    twn.eval()
+    _, info = fit_gate(twn, proc, rt, pairs, args.out, n=args.gate_queries, budget=args.think_budget,
+                       max_cot_tokens=args.max_cot_tokens, seed=args.seed)
+    if rt.master:
+        h = info["held_out"]
+        print(f"gate: {info['queries']} queries, thinking helped {100 * info['win_rate']:.0f}% "
+              f"({', '.join(f'{d} {100 * v:.0f}%' for d, v in info['win_rate_by_difficulty'].items())}); held-out hit@1 "
+              f"no-think {100 * h['nothink']:.1f}, think {100 * h['think']:.1f}, adaptive {100 * h['adaptive']:.1f} "
+              f"at {100 * h['think_rate']:.0f}% thinking")
 runtime.teardown()

@@ -1,0 +1,146 @@
+"""
+The think gate: a small MLP that decides, per input, whether writing a chain-of-thought is worth it.
+
+Paper: Think When Needed (arXiv 2605.14448), the adaptive-think mechanism (claim 3): "for simple
+inputs discriminative embeddings already perform well, and redundant reasoning can even mislead the
+model". The gate reads the no-think state (the queries' pooled output over the input, which exists
+anyway: the no-think embedding is computed first) and predicts the probability that thinking helps.
+
+Self-supervised labels, from the model itself (no human labels): for a training query, rank its
+positive among a global cache of target embeddings once with the no-think embedding and once with
+the think embedding built on the model's *own* CoT. The query is a *win* (label 1) when thinking puts
+the positive strictly higher:
+
+    rank0 = #targets scored above the positive without thinking       (0 = retrieved first)
+    rank1 = #targets scored above the positive with the model's CoT
+    label = 1  iff  rank1 + margin <= rank0 - 1     (margin 0: any strict improvement)
+
+Ties are losses on purpose: a CoT that leaves the ranking where it was only costs tokens.
+Thresholds: the default maximises the held-out *score* (hit@1 of the adaptive choice) and, among
+equal scores, thinks least; `budget` instead thinks on that fraction of inputs (the most confident).
+
+    gate = Gate(hidden_size)
+    fit(gate, states, labels)                          # class-balanced BCE
+    gate.threshold.fill_(pick_threshold(gate.prob(held_states), hit0, hit1))
+    think = gate.decide(states)                        # (B,) bool
+"""
+
+import json
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Gate(nn.Module):
+
+    def __init__(self, hidden_size, width=128):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, width), nn.GELU(), nn.Linear(width, 1))
+        self.register_buffer("threshold", torch.tensor(0.5))
+
+    def forward(self, state):
+        """(B, H) no-think pooled state -> (B,) logit that thinking helps."""
+        return self.net(state.float()).squeeze(-1)
+
+    @torch.no_grad()
+    def prob(self, state):
+        return torch.sigmoid(self(state))
+
+    @torch.no_grad()
+    def decide(self, state):
+        """(B,) bool: think? threshold <= 0 always thinks, >= 1 never (whatever sigmoid rounds to)."""
+        t = self.threshold.item()
+        if t <= 0 or t >= 1:
+            return torch.full((state.shape[0],), t <= 0, dtype=torch.bool, device=state.device)
+        return self.prob(state) >= t
+
+
+# -----------------------------------------------------------------------------
+# labels
+
+
+def ranks(scores, pos):
+    """scores (B, N) against the target cache, pos (B,) the positive's column -> (B,) targets strictly above it."""
+    return (scores > scores.gather(1, pos[:, None])).sum(1)
+
+
+def win_labels(rank0, rank1, margin=0):
+    """1 where thinking moved the positive up by more than `margin` places, else 0 (ties lose)."""
+    return (rank1 + margin < rank0).float()
+
+
+# -----------------------------------------------------------------------------
+# fitting and thresholds
+
+
+def fit(gate, states, labels, steps=300, lr=3e-3, weight_decay=1e-2, seed=0):
+    """Full-batch AdamW on class-balanced BCE (wins are usually the minority)."""
+    torch.manual_seed(seed)
+    pos = labels.sum().clamp(min=1)
+    pos_weight = (len(labels) - pos) / pos
+    opt = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=weight_decay)
+    gate.train()
+    for _ in range(steps):
+        loss = F.binary_cross_entropy_with_logits(gate(states), labels, pos_weight=pos_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    gate.eval()
+    return loss.item()
+
+
+def sweep(probs, hit0, hit1):
+    """Score vs think rate for every useful threshold: rows (threshold, think_rate, score), score in [0, 1].
+
+    probs (N,) gate probabilities; hit0 / hit1 (N,) 1.0 where the no-think / think embedding retrieves right.
+    """
+    thresholds = torch.cat([torch.sort(probs.unique()).values, torch.tensor([1.0])])  # 1.0: never think
+    rows = []
+    for t in thresholds.tolist():
+        think = probs >= t if t < 1 else torch.zeros_like(probs, dtype=torch.bool)
+        rows.append((t, think.float().mean().item(), torch.where(think, hit1, hit0).mean().item()))
+    return rows
+
+
+def pick_threshold(probs, hit0, hit1, budget=None):
+    """Best held-out score (ties: the one that thinks least), or the threshold that thinks on `budget` of inputs."""
+    if budget is not None:
+        if budget <= 0:
+            return 1.0
+        return torch.quantile(probs, 1 - budget).item()
+    best = max(sweep(probs, hit0, hit1), key=lambda row: (round(row[2], 9), -row[1]))
+    return best[0]
+
+
+# -----------------------------------------------------------------------------
+# files
+
+
+def save(gate, out_dir, info):
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, "gate.safetensors.tmp")
+    save_file({k: v.contiguous() for k, v in gate.state_dict().items()}, tmp)
+    os.replace(tmp, os.path.join(out_dir, "gate.safetensors"))
+    tmp = os.path.join(out_dir, "gate.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"hidden_size": gate.net[0].normalized_shape[0], "width": gate.net[1].out_features,
+                   "threshold": gate.threshold.item(), **info}, f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, "gate.json"))
+
+
+def load(out_dir, device="cpu"):
+    from safetensors.torch import load_file
+    path = os.path.join(out_dir, "gate.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: fit the gate first (python train_sft.py --gate-only --out {out_dir})")
+    with open(path) as f:
+        info = json.load(f)
+    for key, kind in (("hidden_size", int), ("width", int), ("threshold", float)):
+        if not isinstance(info.get(key), (kind, int)):
+            raise ValueError(f"{path}: {key} must be a number, got {info.get(key)!r}")
+    gate = Gate(info["hidden_size"], info["width"])
+    gate.load_state_dict(load_file(os.path.join(out_dir, "gate.safetensors")))
+    return gate.to(device).eval(), info

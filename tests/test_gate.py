@@ -1,0 +1,74 @@
+"""gate.py: labels on a hand-built case, a separable fit, thresholds; adaptive inference at the extremes."""
+
+import pytest
+import torch
+
+import gate as gate_lib
+import model as twn_model
+import runtime
+from data.collate import Processor
+from data.mmeb import load_image_task
+from evaluate import Embedder
+
+
+def test_win_labels_on_a_hand_built_case():
+    # 3 queries x 4 targets; positives at columns 0, 1, 2
+    s0 = torch.tensor([[0.9, 0.1, 0.2, 0.3],    # positive first without thinking
+                       [0.5, 0.4, 0.6, 0.1],    # positive third
+                       [0.1, 0.2, 0.3, 0.4]])   # positive second... (0.4 above it)
+    s1 = torch.tensor([[0.9, 0.1, 0.2, 0.3],    # still first: a tie is not a win
+                       [0.1, 0.9, 0.2, 0.3],    # now first: a win
+                       [0.1, 0.2, 0.3, 0.9]])   # drops to second... still one above: tie
+    pos = torch.tensor([0, 1, 2])
+    r0, r1 = gate_lib.ranks(s0, pos), gate_lib.ranks(s1, pos)
+    assert r0.tolist() == [0, 2, 1] and r1.tolist() == [0, 0, 1]
+    assert gate_lib.win_labels(r0, r1).tolist() == [0.0, 1.0, 0.0]
+    assert gate_lib.win_labels(r0, r1, margin=2).tolist() == [0.0, 0.0, 0.0]  # 2 places is not more than 2
+
+
+def test_gate_fits_a_separable_problem():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 16, generator=g)
+    y = (x[:, 3] > 0.8).float()  # a minority class, ~20 %
+    gate = gate_lib.Gate(16)
+    gate_lib.fit(gate, x, y)
+    assert ((gate.prob(x) >= 0.5).float() == y).float().mean() > 0.97
+
+
+def test_threshold_maximises_score_and_meets_a_budget():
+    probs = torch.tensor([0.1, 0.2, 0.8, 0.9])
+    hit0 = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    hit1 = torch.tensor([0.0, 1.0, 1.0, 1.0])
+    t = gate_lib.pick_threshold(probs, hit0, hit1)
+    assert t == pytest.approx(0.8)  # think on the two confident ones: score 1.0; 0.2 also scores 1.0 but thinks more
+    assert gate_lib.pick_threshold(probs, hit0, hit1, budget=0.25) > 0.8
+    assert gate_lib.pick_threshold(probs, hit0, hit1, budget=0.0) == 1.0
+
+
+def test_adaptive_at_threshold_0_is_always_think_and_at_1_never(small_world, small_backbone):
+    torch.manual_seed(0)
+    proc = Processor.from_pretrained(small_backbone)
+    twn = twn_model.from_pretrained(small_backbone, twn_model.TWNConfig(r=4), tokenizer=proc.tokenizer, device="cpu")
+    with torch.no_grad():  # adapters that do something
+        for n, p in twn.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.05)
+    twn.eval()
+    items = [q.query for q in load_image_task(f"{small_world}/eval/ColorVQA.parquet", small_world)[:6]]
+    rt = runtime.setup("cpu")
+    gate = gate_lib.Gate(twn.queries.shape[1])
+    run = lambda modes: Embedder(twn, proc, rt, 4, 6, gate).queries(items, modes)
+    always, never = run(["think"]), run(["nothink"])
+    gate.threshold.fill_(0.0)
+    for a, b in zip(run(["adaptive"]), always):
+        torch.testing.assert_close(a["adaptive"], b["think"], rtol=1e-4, atol=1e-5)
+        assert a["tokens"] == b["tokens"] > 0
+    gate.threshold.fill_(1.0)
+    for a, b in zip(run(["adaptive"]), never):
+        assert torch.equal(a["adaptive"], b["nothink"]) and a["tokens"] == 0
+    # in between: the routed rows decode as a smaller batch and still get their own think embedding
+    gate.threshold.fill_(gate.prob(torch.stack([o["state"] for o in never])).median().item())
+    mixed = run(["adaptive"])
+    assert 0 < sum(o["thought"] for o in mixed) < len(items)
+    for a, t, n in zip(mixed, always, never):
+        torch.testing.assert_close(a["adaptive"], t["think"] if a["thought"] else n["nothink"], rtol=1e-4, atol=1e-5)
