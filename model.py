@@ -184,6 +184,17 @@ class TWN(nn.Module):
         prompt = self.think_ids[None].expand(B, -1)
         return torch.cat([prompt, cot_ids], 1), torch.cat([torch.ones_like(prompt), cot_mask], 1)
 
+    def read_cot(self, past: State, cot_ids, cot_mask):
+        """Teacher-force [think prompt, CoT] with the reason adapter after `past`.
+
+        Returns (B, L, V) fp32 logits, position t predicting CoT token t, and the State after the CoT.
+        """
+        seg_ids, seg_mask = self.think_segment(cot_ids, cot_mask)
+        hidden, after = self.extend(past, self.token_embeds(seg_ids), seg_mask, "reason")
+        P = self.think_ids.numel()
+        # the last prompt token predicts CoT token 0, CoT token t predicts token t+1
+        return self.backbone.lm_head(hidden[:, P - 1:-1]).float(), after
+
     # --- teacher-forced training forward (joint SFT) --------------------------------------------
 
     def forward(self, batch, cot_ids, cot_mask):
@@ -198,11 +209,7 @@ class TWN(nn.Module):
         # --- the detach, boundary 1: the reason adapter reads the input's KV as a constant, so the CoT
         # loss cannot push the embed adapter (which produced KV_in) around
         past = enc.detached() if self.cfg.detach else enc
-        seg_ids, seg_mask = self.think_segment(cot_ids, cot_mask)
-        hidden, after = self.extend(past, self.token_embeds(seg_ids), seg_mask, "reason")
-        P = self.think_ids.numel()
-        # position P-1+t (last prompt token, then CoT tokens) predicts CoT token t
-        logits = self.backbone.lm_head(hidden[:, P - 1:-1]).float()  # (B, L, V)
+        logits, after = self.read_cot(past, cot_ids, cot_mask)
         nll = F.cross_entropy(logits.transpose(1, 2), cot_ids, reduction="none")  # (B, L)
         # per-example mean over its own tokens, then over the batch: long CoTs don't outweigh short ones
         cot_loss = ((nll * cot_mask).sum(1) / cot_mask.sum(1).clamp(min=1)).mean()

@@ -128,6 +128,17 @@ def mean_over_ranks(value: float) -> float:
     return t.item() / dist.get_world_size()
 
 
+def batch_indices(n_items, batch_size, step, seed, rank, world):
+    """This rank's share of step `step`'s batch: a fixed permutation per epoch, so the data order is a
+    pure function of the step and a resumed run sees exactly the batches an uninterrupted one would."""
+    per_epoch = n_items // batch_size
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    chunk = perm[i * batch_size:(i + 1) * batch_size].tolist()
+    local = batch_size // world
+    return chunk[rank * local:(rank + 1) * local]
+
+
 # -----------------------------------------------------------------------------
 # the contrastive loss
 
@@ -144,6 +155,14 @@ def info_nce(q, t, pos, same, tau):
     own = F.one_hot(pos, t.shape[0]).bool()
     logits = logits.masked_fill(same & ~own, float("-inf"))
     return F.cross_entropy(logits, pos)
+
+
+def retrieval_logprob(e, cache, pos, tau):
+    """log softmax_j(e . cache_j / tau) at each row's positive: (B, H), (N, H), (B,) -> (B,).
+
+    The RL reward: how surely an embedding retrieves its positive from the global cache of targets.
+    """
+    return torch.log_softmax(e.float() @ cache.float().T / tau, -1).gather(1, pos[:, None]).squeeze(1)
 
 
 # -----------------------------------------------------------------------------

@@ -126,13 +126,7 @@ def lr_at(s):
 
 
 def batch_for(s):
-    """This rank's pairs for step s: a fixed permutation per epoch, so a resumed run sees the same data."""
-    per_epoch = len(pairs) // args.batch_size
-    epoch, i = divmod(s, per_epoch)
-    perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-    chunk = perm[i * args.batch_size:(i + 1) * args.batch_size].tolist()
-    local = args.batch_size // rt.world
-    return [pairs[j] for j in chunk[rt.rank * local:(rt.rank + 1) * local]]
+    return [pairs[j] for j in runtime.batch_indices(len(pairs), args.batch_size, s, args.seed, rt.rank, rt.world)]
 
 
 def to_device(batch):
