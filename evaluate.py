@@ -161,9 +161,8 @@ def ndcg_at_k(scores, rel, k=5):
 # one task
 
 
-def evaluate_image_task(task, emb, modes, limit):
-    queries = load_image_task(task.path, os.path.dirname(os.path.dirname(task.path))
-                              if os.path.basename(os.path.dirname(task.path)) == "eval" else os.path.dirname(task.path))
+def evaluate_image_task(task, emb, modes, limit, image_root):
+    queries = load_image_task(task.path, image_root)
     queries = queries[:limit] if limit else queries
     keys = {}
     for q in queries:
@@ -186,8 +185,8 @@ def evaluate_image_task(task, emb, modes, limit):
     return per_query, seconds, queries
 
 
-def evaluate_visdoc(task, emb, modes, limit):
-    vd = load_visdoc(task.path)
+def evaluate_visdoc(task, emb, modes, limit, image_root):
+    vd = load_visdoc(task.path, image_root)
     corpus = emb.targets(vd.corpus)
     q_items, q_ids = (vd.queries[:limit], vd.query_ids[:limit]) if limit else (vd.queries, vd.query_ids)
     t0 = time.time()
@@ -368,6 +367,7 @@ def main(argv=None):
     g.add_argument("--model", default="runs/sft", help="TWN directory written by train_sft.py / train_rl.py")
     g.add_argument("--backbone", default=None, help="backbone directory (default: the one the model was trained on)")
     g.add_argument("--data", default="data/world", help="MMEB-V2 image-task parquet dir, or the mini world")
+    g.add_argument("--image-root", default=None, help="root of the image paths in the task files (default: --data)")
     g.add_argument("--limit", type=int, default=0, help="only the first N queries of each task (0: all)")
     g = parser.add_argument_group("how")
     g.add_argument("--batch-size", type=int, default=64, help="items per forward")
@@ -413,7 +413,7 @@ def main(argv=None):
     results, per_task = {}, {}
     for task in select(discover(args.data), args.task):
         run = evaluate_visdoc if task.graded else evaluate_image_task
-        rows, seconds, queries = run(task, emb, modes, args.limit)
+        rows, seconds, queries = run(task, emb, modes, args.limit, args.image_root or (None if task.graded else args.data))
         r = {"meta": task.meta, "metric": "ndcg_linear@5" if task.graded else "hit@1", "all": summarise(rows, modes, seconds)}
         diffs = sorted({row["meta"].get("difficulty") for row in rows} - {None})
         if diffs:

@@ -242,6 +242,13 @@ while step < args.steps:
             runtime.save_checkpoint(args.out, step, twn, opt, {"args": vars(args)})
 bar.close()
 runtime.check_in_sync(policy)
+# the reward environment must not have moved: re-embed some cached targets and compare
+probe = list(range(0, len(keys), max(1, len(keys) // 64)))
+drift = (emb.targets([list(keys.values())[i] for i in probe]).to(rt.device) - cache[probe]).abs().max().item()
+if drift > 1e-5:
+    raise RuntimeError(f"the global cache went stale: re-embedded targets moved by {drift:.3g}")
+if rt.master:
+    print(f"stationary reward: {len(probe)} cached targets re-embedded after RL, max change {drift:.1e}")
 
 # -----------------------------------------------------------------------------
 # save, then refit the gate: the CoTs changed, so whether thinking helps changed too

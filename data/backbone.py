@@ -5,6 +5,9 @@ twn's pipeline starts from a pretrained multimodal LLM that can see and can reas
 be downloaded here, so this script makes one: a small `Qwen2VLForConditionalGeneration` built from a
 config, with a word-level tokenizer trained on the world's closed vocabulary, pretrained from scratch
 (every parameter, next-token loss on the completion) on the world's training scenes:
+  0a. the vision tower alone, supervised per image token (each token is one grid cell) with that
+      cell's colour and shape, like a ViT pretrained before the LLM learns to read it;
+  0b. the whole model on the world's text over train images:
   - perception   `describe :`             -> the canonical caption (`a1 red circle , b3 blue square`)
   - direct       `<question>`              -> `answer : blue`
   - reasoning    `<question> think :`      -> the teacher CoT, ending in `answer : blue`
@@ -123,6 +126,42 @@ def batch_loss(model, proc, rows):
 
 
 # -----------------------------------------------------------------------------
+# stage 0a: the vision tower first, as a real MLLM's ViT is pretrained before the LLM learns to read it
+
+
+def warm_up_vision(model, proc, rows, steps, batch_size=16, lr=1e-3, seed=0):
+    """Supervise the vision tower's merged tokens directly: each 28 px cell is one token, labelled with
+    its object's colour and shape (or empty), through a throw-away linear head.
+
+    Why: trained only through the language model's next-token loss, the tower learned colours and cells
+    in 2,400 steps but stayed at chance on shapes; supervised per token, it knows shapes in ~50 steps.
+    """
+    scenes = [r for r in rows if r["kind"] == "describe" and "/crops/" not in r["image"]]
+    colours, shapes = [None, *world_lib.COLOURS], [None, *world_lib.SHAPES]
+    visual = model.model.visual
+    head = torch.nn.Linear(visual.config.hidden_size, len(colours) + len(shapes))
+    opt = torch.optim.AdamW(list(visual.parameters()) + list(head.parameters()), lr=lr)
+    rng = random.Random(seed)
+    for _ in tqdm(range(steps), desc="vision warm-up", mininterval=5):
+        chunk = rng.sample(scenes, batch_size)
+        batch = proc([Item(QWEN_IMAGE, r["image"]) for r in chunk])
+        tokens = visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output  # (B*16, H)
+        colour = torch.zeros(len(chunk), len(world_lib.CELLS), dtype=torch.long)
+        shape = torch.zeros_like(colour)
+        for i, r in enumerate(chunk):
+            for cell, c, s in world_lib.parse_caption(r["completion"]):
+                j = world_lib.CELLS.index(cell)  # the merged tokens come in reading order, like the cells
+                colour[i, j], shape[i, j] = colours.index(c), shapes.index(s)
+        logits = head(tokens)
+        loss = (F.cross_entropy(logits[:, :len(colours)], colour.view(-1))
+                + F.cross_entropy(logits[:, len(colours):], shape.view(-1)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
+# -----------------------------------------------------------------------------
 # the report: perception and direct-vs-CoT accuracy on eval scenes
 
 
@@ -184,6 +223,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32, help="examples per step")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (cosine, warm-up)")
     parser.add_argument("--warmup", type=int, default=200, help="warm-up steps")
+    parser.add_argument("--vision-steps", type=int, default=200, help="stage 0a: supervised vision warm-up steps")
     parser.add_argument("--report-every", type=int, default=0, help="run the eval report every N steps (0: at the end)")
     args = parser.parse_args()
 
@@ -198,12 +238,14 @@ def main():
     print(f"tiny Qwen2-VL: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, vocab {len(tok)}")
 
     rows = read_jsonl(os.path.join(args.world, "pretrain.jsonl"), args.world)
+    t0 = time.time()
+    if args.vision_steps:
+        print(f"stage 0a: vision warm-up, final loss {warm_up_vision(model, proc, rows, args.vision_steps, seed=args.seed):.3f}")
     rng = random.Random(args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     lr_at = lambda s: args.lr * min(1.0, (s + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
     order, pos = [], 0
     model.train()
-    t0 = time.time()
     bar = tqdm(range(args.steps), desc="pretrain", mininterval=5)
     for step in bar:
         if pos + args.batch_size > len(order):

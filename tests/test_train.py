@@ -112,3 +112,24 @@ def test_adaptive_mode_without_a_gate_says_how_to_fit_one(small_world, small_bac
     sft(small_world, small_backbone, out, "--steps", 1)
     run = evaluate("--model", out, "--data", small_world, "--modes", "adaptive", "--limit", 2)
     assert run.returncode != 0 and "gate-only" in run.stderr
+
+
+def test_evaluate_reads_a_beir_visual_document_task_with_ndcg(small_world, small_backbone, tmp_path):
+    import shutil
+    out = tmp_path / "m"
+    sft(small_world, small_backbone, out, "--steps", 1)
+    data = tmp_path / "mmeb"
+    (data / "DocTask").mkdir(parents=True)
+    pages = sorted(os.listdir(os.path.join(small_world, "images", "eval")))[:5]
+    for p in pages:
+        shutil.copy(os.path.join(small_world, "images", "eval", p), data / "DocTask" / p)
+    (data / "DocTask" / "queries.jsonl").write_text("".join(
+        json.dumps({"_id": f"q{i}", "text": t}) + "\n" for i, t in enumerate(["red circle", "blue square", "a cross"])))
+    (data / "DocTask" / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "image": p}) + "\n"
+                                                           for i, p in enumerate(pages)))
+    (data / "DocTask" / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t2\nq0\td1\t1\nq1\td2\t1\nq2\td4\t1\n")
+    run = evaluate("--model", out, "--data", data, "--task", "VisDoc", "--modes", "nothink,think", "--max-cot-tokens", 4)
+    assert run.returncode == 0, run.stderr
+    r = json.loads((out / "eval" / "results.json").read_text())["tasks"]["DocTask"]
+    assert r["metric"] == "ndcg_linear@5" and r["all"]["n"] == 3 and 0 <= r["all"]["nothink"] <= 100
+    assert json.loads((out / "eval" / "nothink" / "DocTask_score.json").read_text())["ndcg_linear@5"] == r["all"]["nothink"] / 100
