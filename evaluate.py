@@ -13,7 +13,13 @@ MMEB-V2 (hit@1 for image tasks, NDCG@5 for visual documents) and how many reason
 Each query ranks its *own* candidates (MMEB's image tasks; gold at index 0); a visual-document query
 ranks the whole corpus against graded qrels. A tie with the gold candidate counts as a miss. Target
 embeddings are computed once per task (deduplicated) and shared by every mode. Writes
-`<out>/<mode>/<task>_score.json` (VLM2Vec's layout) and one `results.json` with everything.
+`<out>/<mode>/<task>_score.json` (VLM2Vec's layout), `<out>/<task>_summary.json` and one `results.json`
+with everything.
+
+A killed run resumes task by task: a task whose files are already in --out (same settings) is reused,
+not redone (`--overwrite` redoes it). A bad row (unreadable image, empty text, broken schema) stops the
+run with its file, row and problem; `--on-error skip` leaves it out instead, counted in the table and
+listed with its problem in results.json (never scored as right or wrong).
 """
 
 import argparse
@@ -28,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 import gate as gate_lib
+import lora
 import model as twn_model
 import runtime
 from data.collate import Processor
@@ -97,23 +104,57 @@ class Embedder:
         per = math.ceil(n / self.rt.world)
         return range(self.rt.rank * per, min(n, (self.rt.rank + 1) * per))
 
-    def _run(self, items, fn, desc):
+    def _run(self, items, fn, desc, where=None, skipped=None):
+        """fn over batches of items; outputs in input order (None for an item left out).
+
+        where: a name per item for error messages (file, row, column); skipped: None, and an item that
+        does not collate (a corrupt image, ...) raises, or a dict that collects {index: problem} of the
+        items left out.
+        """
         mine = list(self._shards(len(items)))
-        outs = []
+        outs, bad = [], {}
         for i in tqdm(range(0, len(mine), self.batch_size), desc=desc, leave=False, disable=not self.rt.master):
-            chunk = [items[j] for j in mine[i:i + self.batch_size]]
-            batch = {k: v.to(self.rt.device) for k, v in self.proc(chunk).items()}
+            idx = mine[i:i + self.batch_size]
+            batch, problems = self._collate(items, idx, where, skipped is not None)
+            bad.update(problems)
+            if batch is None:
+                outs += [None] * len(idx)
+                continue
             with torch.no_grad(), self.rt.autocast():
-                outs += fn(batch)
+                done = iter(fn({k: v.to(self.rt.device) for k, v in batch.items()}))
+            outs += [None if j in problems else next(done) for j in idx]
+        if skipped is not None:
+            skipped.update(runtime.gather_objects(list(bad.items())))
         return runtime.gather_objects(outs)
 
-    def targets(self, items):
-        """No-think embeddings of candidates / documents: (N, H) float."""
-        rows = self._run(items, lambda b: list(self.twn.embed_items(b).float().cpu()), "targets")
-        return torch.stack(rows)
+    def _collate(self, items, idx, where, skip):
+        """The batch of items[idx], and {index: problem} of those left out of it.
 
-    def queries(self, items, modes):
-        """Per query: {mode: embedding}, plus the CoT text, its token count and the gate's decision."""
+        One bad item spoils the whole batch, so a failed batch is collated again item by item to find it:
+        a cost paid only when something is wrong.
+        """
+        try:
+            return self.proc([items[j] for j in idx]), {}
+        except ValueError:
+            problems = {j: p for j in idx if (p := self.proc.problem(items[j]))}
+            if not problems:
+                raise  # the items collate one by one but not together: not a bad-input problem
+        if not skip:
+            j = min(problems)
+            raise ValueError(f"{where[j] if where else f'item {j}'}: {problems[j]}")
+        good = [j for j in idx if j not in problems]
+        return (self.proc([items[j] for j in good]) if good else None), problems
+
+    def targets(self, items, where=None, skipped=None):
+        """No-think embeddings of candidates / documents: (N, H) float (see _run for where / skipped;
+        the row of an item left out is zeros: drop it, never score it)."""
+        rows = self._run(items, lambda b: list(self.twn.embed_items(b).float().cpu()), "targets", where, skipped)
+        zero = torch.zeros(self.twn.queries.shape[-1])
+        return torch.stack([zero if r is None else r for r in rows])
+
+    def queries(self, items, modes, where=None, skipped=None):
+        """Per query: {mode: embedding}, plus the CoT text, its token count and the gate's decision
+        (None for a query left out; see _run for where / skipped)."""
         def fn(batch):
             enc = self.twn.encode(batch)
             pooled, e0 = self.twn.embed(enc)
@@ -136,7 +177,7 @@ class Embedder:
                 for o in out:
                     o["adaptive"] = o["think"] if o["thought"] else o["nothink"]
             return out
-        return self._run(items, fn, "queries")
+        return self._run(items, fn, "queries", where, skipped)
 
 
 # -----------------------------------------------------------------------------
@@ -161,18 +202,37 @@ def ndcg_at_k(scores, rel, k=5):
 # one task
 
 
-def evaluate_image_task(task, emb, modes, limit, image_root):
-    queries = load_image_task(task.path, image_root)
-    queries = queries[:limit] if limit else queries
-    keys = {}
+def evaluate_image_task(task, emb, modes, limit, image_root, skipped=None):
+    """Hit@1 of each query over its own candidates, on the first `limit` rows of the file (0: all).
+
+    skipped: None, and a bad row raises an error naming the file, the row and the problem; or a list
+    that collects (row, message) of the rows left out, when read or when embedded. A row that loses
+    its query or any candidate is left out: it can be scored neither right nor wrong.
+    """
+    queries = load_image_task(task.path, image_root, skipped)
+    if limit:
+        queries = [q for q in queries if q.row < limit]
+        skipped = skipped if skipped is None else [s for s in skipped if s[0] < limit]
+    keys, where = {}, {}
     for q in queries:
-        for c in q.candidates:
+        for j, c in enumerate(q.candidates):
             keys.setdefault((c.text, c.image), c)
+            where.setdefault((c.text, c.image), f"{task.path}: row {q.row}, candidate {j}")
     index = {k: i for i, k in enumerate(keys)}
-    cand = emb.targets(list(keys.values()))  # each distinct candidate embedded once, for every mode
+    bad = None if skipped is None else {}
+    cand = emb.targets(list(keys.values()), list(where.values()), bad)  # each distinct candidate once, for every mode
+    if bad:
+        lost = {q.row: next((f"candidate {j}: {bad[index[(c.text, c.image)]]}" for j, c in enumerate(q.candidates)
+                             if index[(c.text, c.image)] in bad), None) for q in queries}
+        skipped += [(row, f"{task.path}: row {row}, {problem}") for row, problem in lost.items() if problem]
+        queries = [q for q in queries if not lost[q.row]]
+    bad = None if skipped is None else {}
     t0 = time.time()
-    outs = emb.queries([q.query for q in queries], modes)
+    outs = emb.queries([q.query for q in queries], modes, [f"{task.path}: row {q.row}, query" for q in queries], bad)
     seconds = time.time() - t0
+    if bad:
+        skipped += [(queries[k].row, f"{task.path}: row {queries[k].row}, query: {bad[k]}") for k in sorted(bad)]
+        queries, outs = [q for k, q in enumerate(queries) if k not in bad], [o for o in outs if o is not None]
     per_query = []
     for q, o in zip(queries, outs):
         cols = torch.tensor([index[(c.text, c.image)] for c in q.candidates])
@@ -182,33 +242,55 @@ def evaluate_image_task(task, emb, modes, limit, image_root):
             row[mode] = hit_at_1(s)
             row[f"{mode}_top"] = torch.argsort(s, descending=True)[:3].tolist()
         per_query.append(row)
-    return per_query, seconds, queries
+    return per_query, seconds, queries, skipped
 
 
-def evaluate_visdoc(task, emb, modes, limit, image_root):
-    vd = load_visdoc(task.path, image_root)
-    corpus = emb.targets(vd.corpus)
-    q_items, q_ids = (vd.queries[:limit], vd.query_ids[:limit]) if limit else (vd.queries, vd.query_ids)
+def evaluate_visdoc(task, emb, modes, limit, image_root, skipped=None):
+    """NDCG@5 of each query over the whole corpus (skipped: as in evaluate_image_task).
+
+    Only queries with qrels are scored: a BEIR queries file may also hold other splits' queries. A page
+    left out takes every query it is relevant to with it; as a distractor, it is simply not ranked.
+    """
+    vd = load_visdoc(task.path, image_root, skipped=skipped)
+    bad = None if skipped is None else {}
+    corpus = emb.targets(vd.corpus, [f"{task.path}: corpus '{cid}'" for cid in vd.corpus_ids], bad)
+    gone = {vd.corpus_ids[j]: problem for j, problem in (bad or {}).items()}
+    corpus_ids = [cid for cid in vd.corpus_ids if cid not in gone]
+    corpus = corpus[[j for j, cid in enumerate(vd.corpus_ids) if cid not in gone]]
+    q_ids = [qid for qid in vd.query_ids if qid in vd.qrels]
+    q_ids = q_ids[:limit] if limit else q_ids
+    for qid in q_ids:
+        lost = [cid for cid in vd.qrels[qid] if cid in gone]
+        if lost:
+            skipped.append((None, f"{task.path}: query '{qid}' left out: its relevant page '{lost[0]}' was: {gone[lost[0]]}"))
+    q_ids = [qid for qid in q_ids if not any(cid in gone for cid in vd.qrels[qid])]
+    item = dict(zip(vd.query_ids, vd.queries))
+    bad = None if skipped is None else {}
     t0 = time.time()
-    outs = emb.queries(q_items, modes)
+    outs = emb.queries([item[qid] for qid in q_ids], modes, [f"{task.path}: query '{qid}'" for qid in q_ids], bad)
     seconds = time.time() - t0
-    col = {cid: j for j, cid in enumerate(vd.corpus_ids)}
+    if bad:
+        skipped += [(None, f"{task.path}: query '{q_ids[k]}': {bad[k]}") for k in sorted(bad)]
+        q_ids, outs = [qid for k, qid in enumerate(q_ids) if k not in bad], [o for o in outs if o is not None]
+    col = {cid: j for j, cid in enumerate(corpus_ids)}
     per_query = []
     for qid, o in zip(q_ids, outs):
-        rel = torch.zeros(len(vd.corpus_ids))
+        rel = torch.zeros(len(corpus_ids))
         for cid, grade in vd.qrels.get(qid, {}).items():
             rel[col[cid]] = grade
         row = dict(meta={}, cot=o["cot"], tokens=o["tokens"], thought=o["thought"], state=o["state"])
         for mode in modes:
             row[mode] = ndcg_at_k(corpus @ o[mode], rel)
         per_query.append(row)
-    return per_query, seconds, None
+    return per_query, seconds, None, skipped
 
 
 def summarise(rows, modes, seconds=None):
     """Scores in %, the gate's think rate, and reasoning tokens per query for each thinking mode."""
     n = max(len(rows), 1)
     out = {"n": len(rows)}
+    if not rows:
+        return out  # every row skipped: no score, rather than a score of 0
     for mode in modes:
         out[mode] = 100 * sum(r[mode] for r in rows) / n
     out["think_rate"] = sum(r["thought"] for r in rows) / n
@@ -224,8 +306,11 @@ def summarise(rows, modes, seconds=None):
 def overall(results, modes):
     """MMEB's way: the mean of per-task scores (macro), overall and per difficulty."""
     def macro(parts):
-        keys = [k for k in parts[0] if k not in ("n", "qps")]
-        out = {k: sum(p[k] for p in parts) / len(parts) for k in keys}
+        scored = [p for p in parts if p["n"]]  # a task with every row skipped has no score to average
+        keys = [k for k in (scored[0] if scored else {}) if k not in ("n", "qps", "skipped")]
+        out = {k: sum(p[k] for p in scored) / len(scored) for k in keys}
+        if any("skipped" in p for p in parts):
+            out["skipped"] = sum(p.get("skipped", 0) for p in parts)
         return dict(n=sum(p["n"] for p in parts), **out)
     r = {"meta": "", "all": macro([t["all"] for t in results.values()])}
     diffs = sorted({d for t in results.values() for d in t.get("by_difficulty", {})})
@@ -243,18 +328,27 @@ def print_table(results, modes):
     extra = [("think%", "think_rate", 100, "adaptive"), ("tok think", "tokens_think", 1, "think"),
              ("tok adapt", "tokens_adaptive", 1, "adaptive")]
     extra = [e for e in extra if e[3] in modes]
-    head = f"{'task':<16}{'meta':<7}{'n':>5}" + "".join(f"{m:>10}" for m in modes) + "".join(f"{e[0]:>10}" for e in extra) + f"{'q/s':>7}"
+    skips = any(r["all"].get("skipped") for r in results.values())  # a column only when rows were skipped
+    head = (f"{'task':<16}{'meta':<7}{'n':>5}" + (f"{'skip':>6}" if skips else "") + "".join(f"{m:>10}" for m in modes)
+            + "".join(f"{e[0]:>10}" for e in extra) + f"{'q/s':>7}")
     print(head)
     print("-" * len(head))
 
+    def cell(s, key, scale=1):
+        return f"{s[key] * scale:>10.1f}" if key in s else f"{'-':>10}"  # '-': every row skipped
+
     def line(name, meta, s, qps=True):
-        cells = "".join(f"{s[m]:>10.1f}" for m in modes) + "".join(f"{s[key] * scale:>10.1f}" for _, key, scale, _ in extra)
-        print(f"{name:<16}{meta:<7}{s['n']:>5}" + cells + (f"{s['qps']:>7.1f}" if qps and "qps" in s else ""))
+        cells = "".join(cell(s, m) for m in modes) + "".join(cell(s, key, scale) for _, key, scale, _ in extra)
+        skip = f"{s.get('skipped', ''):>6}" if skips else ""
+        print(f"{name:<16}{meta:<7}{s['n']:>5}" + skip + cells + (f"{s['qps']:>7.1f}" if qps and "qps" in s else ""))
 
     for name, r in results.items():
         line(name, r["meta"], r["all"])
         for diff, d in r.get("by_difficulty", {}).items():
             line("  " + diff, "", d, qps=False)
+    for name, r in results.items():
+        if r.get("skipped"):
+            print(f"{name}: {len(r['skipped'])} rows skipped (all in results.json), the first: {r['skipped'][0]['problem']}")
 
 
 def write_sweep(per_task, gate, out_dir):
@@ -359,6 +453,24 @@ def show_examples(task, rows, queries, modes, n):
         print()
 
 
+def finished(out_dir, task, modes, settings):
+    """The result an earlier run saved for `task` with the same settings, if it scored every mode in
+    `modes` (VLM2Vec's resume: a score file per mode; our summary beside them holds the numbers)."""
+    summary = os.path.join(out_dir, f"{task.name}_summary.json")
+    scores = [os.path.join(out_dir, mode, f"{task.name}_score.json") for mode in modes]
+    if not all(os.path.exists(path) for path in [summary, *scores]):
+        return None
+    try:
+        with open(summary) as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None  # unreadable: redo the task
+    result = saved.get("result") if isinstance(saved, dict) else None
+    if not isinstance(result, dict) or saved.get("settings") != settings or not all(m in result.get("all", {}) for m in modes):
+        return None
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate TWN on MMEB-V2-style tasks (no-think / think / adaptive)")
     g = parser.add_argument_group("what")
@@ -368,7 +480,10 @@ def main(argv=None):
     g.add_argument("--backbone", default=None, help="backbone directory (default: the one the model was trained on)")
     g.add_argument("--data", default="data/world", help="MMEB-V2 image-task parquet dir, or the mini world")
     g.add_argument("--image-root", default=None, help="root of the image paths in the task files (default: --data)")
-    g.add_argument("--limit", type=int, default=0, help="only the first N queries of each task (0: all)")
+    g.add_argument("--limit", type=int, default=0, help="only the first N rows of each task (0: all)")
+    g.add_argument("--on-error", choices=["fail", "skip"], default="fail", help="a bad row (unreadable image, "
+                   "empty text, broken schema): fail stops with its file, row and problem; skip leaves it out, "
+                   "counted in the table and listed in results.json")
     g = parser.add_argument_group("how")
     g.add_argument("--batch-size", type=int, default=64, help="items per forward")
     g.add_argument("--max-pixels", type=int, default=None, help="cap on image pixels (default: the backbone's)")
@@ -379,7 +494,10 @@ def main(argv=None):
     g.add_argument("--out", default=None, help="directory for per-task score files (default: <model>/eval)")
     g.add_argument("--json", default=None, help="path of results.json (default: <out>/results.json)")
     g.add_argument("--show", type=int, default=0, help="print N example queries per task with CoT and top candidates")
-    g.add_argument("--sweep", action="store_true", help="write the score vs think-rate curve over gate thresholds (CSV + PNG)")
+    g.add_argument("--sweep", action="store_true", help="write the score vs think-rate curve over gate thresholds "
+                   "(CSV + PNG; redoes every task, it needs the per-query gate states)")
+    g.add_argument("--overwrite", action="store_true", help="redo tasks already scored in --out with the same "
+                   "settings (by default they are reused, so a killed run resumes; redo after retraining the model)")
     args = parser.parse_args(argv)
 
     modes = [m for m in args.modes.split(",") if m]
@@ -410,25 +528,40 @@ def main(argv=None):
     emb = Embedder(twn, proc, rt, args.batch_size, args.max_cot_tokens, gate)
 
     out_dir = args.out or os.path.join(args.model, "eval")
+    # what a saved task result depends on besides the model: reused only when these match
+    settings = {k: getattr(args, k) for k in ("limit", "max_pixels", "max_cot_tokens", "threshold", "on_error")}
     results, per_task = {}, {}
     for task in select(discover(args.data), args.task):
+        done = None if args.overwrite or args.sweep else finished(out_dir, task, modes, settings)
+        if done:
+            if rt.master:
+                print(f"{task.name}: scored before, reusing {out_dir}/{task.name}_summary.json (--overwrite redoes it)")
+            results[task.name] = done
+            continue
         run = evaluate_visdoc if task.graded else evaluate_image_task
-        rows, seconds, queries = run(task, emb, modes, args.limit, args.image_root or (None if task.graded else args.data))
+        skipped = [] if args.on_error == "skip" else None
+        rows, seconds, queries, skipped = run(task, emb, modes, args.limit,
+                                              args.image_root or (None if task.graded else args.data), skipped)
         r = {"meta": task.meta, "metric": "ndcg_linear@5" if task.graded else "hit@1", "all": summarise(rows, modes, seconds)}
+        r["all"]["skipped"] = len(skipped or [])
+        if skipped:
+            r["skipped"] = [{"row": row, "problem": problem} for row, problem in skipped]
         diffs = sorted({row["meta"].get("difficulty") for row in rows} - {None})
         if diffs:
             r["by_difficulty"] = {d: summarise([x for x in rows if x["meta"].get("difficulty") == d], modes) for d in diffs}
         results[task.name] = r
-        if args.sweep:
+        if args.sweep and rows:
             probs = gate.prob(torch.stack([row["state"] for row in rows]).to(rt.device)).cpu()
             per_task[task.name] = (probs, torch.tensor([row["nothink"] for row in rows]),
                                    torch.tensor([row["think"] for row in rows]))
         if rt.master:
-            for mode in modes:
+            for mode in modes if rows else []:  # no score files without a score: the task is redone next time
                 os.makedirs(os.path.join(out_dir, mode), exist_ok=True)
                 score = {r["metric"].replace("hit@1", "acc"): r["all"][mode] / 100, "num_pred": len(rows)}
-                with open(os.path.join(out_dir, mode, f"{task.name}_score.json"), "w") as f:
-                    json.dump(score, f, indent=2)
+                lora.write_json(os.path.join(out_dir, mode, f"{task.name}_score.json"), score)
+            # written last and atomically: its presence means the task is complete
+            os.makedirs(out_dir, exist_ok=True)
+            lora.write_json(os.path.join(out_dir, f"{task.name}_summary.json"), {"settings": settings, "result": r})
             if args.show and queries:
                 show_examples(task, rows, queries, modes, args.show)
     if rt.master:

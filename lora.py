@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 # the language model's projections in Qwen2 / Qwen3 decoder layers (attention + SwiGLU MLP)
@@ -206,10 +207,19 @@ def save_adapter(model: nn.Module, name: str, cfg: LoRAConfig, out_dir: str):
     write_json(os.path.join(out_dir, f"{name}.json"), {"adapter": name, **asdict(cfg)})
 
 
+def read_tensors(path: str) -> dict:
+    """A .safetensors file's tensors (never pickle: a file cannot run code); a damaged file is a
+    ValueError that names it (safetensors' own message does not)."""
+    try:
+        return load_file(path)
+    except SafetensorError as e:  # a bad header, a truncated file
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+
+
 def load_adapter(model: nn.Module, name: str, out_dir: str):
     """Load `<name>.safetensors` into the model's `name` adapter; every key must match exactly."""
     path = os.path.join(out_dir, f"{name}.safetensors")
-    state = load_file(path)
+    state = read_tensors(path)
     expected = adapter_state_dict(model, name)
     if set(state) != set(expected):
         missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForImageTextToText, DynamicCache
 
 import lora
@@ -277,7 +277,11 @@ class TWN(nn.Module):
     def load(self, out_dir):
         lora.load_adapter(self.backbone, "reason", os.path.join(out_dir, "reasoning"))
         lora.load_adapter(self.backbone, "embed", os.path.join(out_dir, "embedding"))
-        q = load_file(os.path.join(out_dir, "embedding", "queries.safetensors"))["queries"]
+        path = os.path.join(out_dir, "embedding", "queries.safetensors")
+        tensors = lora.read_tensors(path)
+        if set(tensors) != {"queries"}:
+            raise ValueError(f"{path}: expected one tensor 'queries', found {sorted(tensors)}")
+        q = tensors["queries"]
         if q.shape != self.queries.shape:
             raise ValueError(f"{out_dir}: queries have shape {tuple(q.shape)}, the model wants {tuple(self.queries.shape)}")
         with torch.no_grad():
@@ -300,7 +304,8 @@ def from_pretrained(backbone_dir, cfg: TWNConfig = None, tokenizer=None, device=
     cfg = cfg or TWNConfig()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    backbone = AutoModelForImageTextToText.from_pretrained(backbone_dir, dtype=dtype).to(device).eval()
+    # use_safetensors: weights never come from a pickle (.bin), which can run code when loaded
+    backbone = AutoModelForImageTextToText.from_pretrained(backbone_dir, dtype=dtype, use_safetensors=True).to(device).eval()
     tok = tokenizer or AutoTokenizer.from_pretrained(backbone_dir)
     think_ids = tok(cfg.think_prompt, add_special_tokens=False)["input_ids"]
     eos_id = tok.convert_tokens_to_ids("<|im_end|>")

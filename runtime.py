@@ -1,6 +1,6 @@
 """
 What the training scripts share: the compute setup (device, DDP, autocast), the cross-rank gather,
-the contrastive loss, and checkpoints that resume exactly.
+the contrastive loss, checkpoints that resume exactly, and the guards against bad data and bad steps.
 
 Not a framework: a handful of functions `train_sft.py` and `train_rl.py` call from their own loops.
 
@@ -14,6 +14,7 @@ gradient.
 
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import lora
+from data.mmeb import load_train
 
 # -----------------------------------------------------------------------------
 # compute setup
@@ -123,7 +125,9 @@ def check_in_sync(params):
 def mean_over_ranks(value: float) -> float:
     if not dist.is_initialized():
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    # subtle: nccl reduces CUDA tensors only (a CPU tensor is an error there), gloo CPU ones
+    device = torch.cuda.current_device() if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
 
@@ -163,6 +167,73 @@ def retrieval_logprob(e, cache, pos, tau):
     The RL reward: how surely an embedding retrieves its positive from the global cache of targets.
     """
     return torch.log_softmax(e.float() @ cache.float().T / tau, -1).gather(1, pos[:, None]).squeeze(1)
+
+
+# -----------------------------------------------------------------------------
+# bad data and bad steps
+
+
+def load_pairs(files, image_root, proc, on_error="fail"):
+    """The training pairs of MMEB-train parquet files, and the problems of the pairs dropped.
+
+    on_error="fail": a bad row raises, naming its file, row and problem (an image that cannot be decoded
+    raises when its batch is collated, naming the image). "skip": bad rows are dropped, and so is every
+    pair with an item the processor cannot collate, found by collating each distinct item once, up front
+    (one decode per training image), since dropping it mid-run would unbalance the ranks' batches.
+    """
+    skip = on_error == "skip"
+    pairs, dropped = [], []
+    for path in files:
+        skipped = [] if skip else None
+        pairs += [(path, p) for p in load_train(path, image_root, skipped)]
+        dropped += [problem for _, problem in skipped or []]
+    if skip:
+        problems = {}  # item -> why it does not collate (None: it does); each distinct item checked once
+        kept = []
+        for path, p in pairs:
+            items = [(name, item) for name, item in (("query", p.query), ("pos", p.pos), ("neg", p.neg)) if item is not None]
+            for _, item in items:
+                if item not in problems:
+                    problems[item] = proc.problem(item)
+            bad = [(name, problems[item]) for name, item in items if problems[item]]
+            if bad:
+                dropped.append(f"{path}: row {p.row}, {bad[0][0]}: {bad[0][1]}")
+            else:
+                kept.append((path, p))
+        pairs = kept
+    return [p for _, p in pairs], dropped
+
+
+class BadStepGuard:
+    """Skips optimizer steps whose loss or gradient norm is NaN/inf; stops the run after `limit` in a row.
+
+    One bad batch (an overflow, a degenerate batch) should cost one step, not the run, and must never
+    reach the weights: AdamW would carry a NaN into every parameter it touches, for good. Many bad steps
+    in a row mean the run has diverged: stop, leaving the last checkpoint as it was.
+
+        guard = BadStepGuard(limit=5)
+        if guard.ok(loss, grad_norm):
+            opt.step()
+        else:
+            opt.zero_grad(set_to_none=True)  # the step still counts: data order and LR schedule go on
+    """
+
+    def __init__(self, limit=5):
+        self.limit, self.in_a_row, self.total = limit, 0, 0
+
+    def ok(self, *values) -> bool:
+        """True if every value is finite on every rank (a collective under DDP, so all ranks decide
+        alike); else counts a bad step, and the `limit`-th in a row raises RuntimeError."""
+        bad = not all(math.isfinite(float(v)) for v in values)
+        if mean_over_ranks(float(bad)) == 0:
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row >= self.limit:
+            raise RuntimeError(f"{self.in_a_row} steps in a row had a NaN/inf loss or gradient norm: the run has "
+                               "diverged, stopping (the last checkpoint is untouched; try a lower --lr)")
+        return False
 
 
 # -----------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from tqdm import tqdm
 import model as twn_model
 import runtime
 from data.collate import Processor
-from data.mmeb import load_image_task, load_train
+from data.mmeb import load_image_task
 from evaluate import Embedder, fit_gate, hit_at_1
 
 # -----------------------------------------------------------------------------
@@ -60,6 +60,9 @@ g.add_argument("--backbone", default=None, help="backbone directory (default: th
 g.add_argument("--data", default="data/world", help="MMEB-train directory (parquet under train/ or itself)")
 g.add_argument("--image-root", default=None, help="root of the parquet's image paths (default: --data)")
 g.add_argument("--out", default="runs/rl", help="output directory; training resumes from it")
+g.add_argument("--on-error", choices=["fail", "skip"], default="fail", help="a bad training row: fail stops "
+               "(naming its file and row, or the image when its batch is collated); skip drops it at start, "
+               "checking every training item once")
 g = parser.add_argument_group("RL")
 g.add_argument("--steps", type=int, default=60, help="optimizer steps")
 g.add_argument("--batch-size", type=int, default=16, help="queries per step, over all ranks")
@@ -74,6 +77,8 @@ g.add_argument("--kl", type=float, default=0.0, help="weight of KL(policy || SFT
 g.add_argument("--lr", type=float, default=1e-4, help="learning rate (AdamW, constant after warm-up)")
 g.add_argument("--warmup", type=int, default=5, help="warm-up steps")
 g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0: off)")
+g.add_argument("--max-bad-steps", type=int, default=5, help="a step with a NaN/inf loss or gradient is skipped; "
+               "this many in a row stop the run")
 g = parser.add_argument_group("evaluation and gate")
 g.add_argument("--eval-every", type=int, default=20, help="held-out think-mode hit@1 every N steps (0: off)")
 g.add_argument("--eval-limit", type=int, default=48, help="held-out queries per eval task")
@@ -106,7 +111,10 @@ opt = torch.optim.AdamW(policy, lr=args.lr, weight_decay=0.0)
 step, _ = runtime.load_checkpoint(args.out, twn, opt)
 
 train_dir = os.path.join(args.data, "train") if os.path.isdir(os.path.join(args.data, "train")) else args.data
-pairs = [p for f in sorted(glob.glob(os.path.join(train_dir, "*.parquet"))) for p in load_train(f, args.image_root or args.data)]
+files = sorted(glob.glob(os.path.join(train_dir, "*.parquet")))
+pairs, dropped = runtime.load_pairs(files, args.image_root or args.data, proc, args.on_error)
+if dropped and rt.master:
+    print(f"--on-error skip: dropped {len(dropped)} bad training pairs, the first: {dropped[0]}")
 
 
 def to_device(batch):
@@ -182,6 +190,7 @@ def held_out_think_score():
 if args.batch_size % rt.world:
     raise SystemExit(f"--batch-size {args.batch_size} must divide over {rt.world} ranks")
 sampler = torch.Generator(device=rt.device)
+guard = runtime.BadStepGuard(args.max_bad_steps)
 t0 = time.time()
 if rt.master and args.eval_every and step == 0:
     print(f"step     0 | held-out think hit@1 {held_out_think_score():.1f}")
@@ -225,6 +234,12 @@ while step < args.steps:
         (loss / rt.world).backward()  # summed over ranks below: the global mean
         runtime.sync_grads(policy)
         norm = torch.nn.utils.clip_grad_norm_(policy, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        if not guard.ok(loss.item(), norm):
+            opt.zero_grad(set_to_none=True)  # the bad gradients never reach the weights; the step still counts
+            if rt.master:
+                tqdm.write(f"step {step + 1:5d} | skipped: loss {loss.item():.3f} | grad {norm:.2f} | "
+                           f"{guard.in_a_row} bad in a row")
+            break
         opt.step()
     step += 1
     bar.update(1)

@@ -33,7 +33,6 @@ from tqdm import tqdm
 import model as twn_model
 import runtime
 from data.collate import Processor
-from data.mmeb import load_train
 
 # -----------------------------------------------------------------------------
 # settings
@@ -46,6 +45,9 @@ g.add_argument("--data", default="data/world", help="MMEB-train directory (parqu
 g.add_argument("--image-root", default=None, help="root of the parquet's image paths (default: --data)")
 g.add_argument("--out", default="runs/sft", help="output directory; training resumes from it")
 g.add_argument("--max-pixels", type=int, default=None, help="cap on image pixels (default: the backbone's)")
+g.add_argument("--on-error", choices=["fail", "skip"], default="fail", help="a bad training row: fail stops "
+               "(naming its file and row, or the image when its batch is collated); skip drops it at start, "
+               "checking every training item once")
 g = parser.add_argument_group("TWN")
 g.add_argument("--r", type=int, default=16, help="LoRA rank of each adapter")
 g.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha")
@@ -62,6 +64,8 @@ g.add_argument("--cot-weight", type=float, default=1.0, help="lambda: weight of 
 g.add_argument("--tau", type=float, default=0.02, help="InfoNCE temperature")
 g.add_argument("--max-cot-tokens", type=int, default=96, help="teacher CoTs are cut to this many tokens")
 g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0: off)")
+g.add_argument("--max-bad-steps", type=int, default=5, help="a step with a NaN/inf loss or gradient is skipped; "
+               "this many in a row stop the run")
 g = parser.add_argument_group("think gate (fitted after training on the model's own CoTs)")
 g.add_argument("--gate-queries", type=int, default=2000, help="training queries labelled win/lose for the gate (0: no gate)")
 g.add_argument("--think-budget", type=float, default=None, help="think on this fraction of inputs (default: the "
@@ -90,11 +94,13 @@ train_dir = os.path.join(args.data, "train") if os.path.isdir(os.path.join(args.
 files = sorted(glob.glob(os.path.join(train_dir, "*.parquet")))
 if not files:
     raise SystemExit(f"no training parquet under {train_dir}")
-pairs = [p for f in files for p in load_train(f, args.image_root or args.data)]
+proc = Processor.from_pretrained(args.backbone, max_pixels=args.max_pixels)
+pairs, dropped = runtime.load_pairs(files, args.image_root or args.data, proc, args.on_error)
+if dropped and rt.master:
+    print(f"--on-error skip: dropped {len(dropped)} bad training pairs, the first: {dropped[0]}")
 missing_cot = sum(p.cot is None for p in pairs)
 if missing_cot:
     raise SystemExit(f"{missing_cot} of {len(pairs)} training pairs have no `cot`: joint SFT needs teacher CoTs")
-proc = Processor.from_pretrained(args.backbone, max_pixels=args.max_pixels)
 
 # -----------------------------------------------------------------------------
 # model and optimizer
@@ -209,6 +215,7 @@ def train_step(chunk):
 if args.batch_size % rt.world:
     raise SystemExit(f"--batch-size {args.batch_size} must divide over {rt.world} ranks")
 twn.train()
+guard = runtime.BadStepGuard(args.max_bad_steps)
 t0 = time.time()
 bar = tqdm(total=args.steps, initial=step, desc="sft", disable=not rt.master, mininterval=5)
 while step < args.steps:
@@ -218,7 +225,13 @@ while step < args.steps:
     nce0, nce1, cot = train_step(batch_for(step))
     runtime.sync_grads(params)
     norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-    opt.step()
+    if guard.ok(nce0, nce1, cot, norm):
+        opt.step()
+    else:
+        opt.zero_grad(set_to_none=True)  # the bad gradients never reach the weights; the step still counts
+        if rt.master:
+            tqdm.write(f"step {step + 1:5d} | skipped: nce0 {nce0:.3f} | nce1 {nce1:.3f} | cot {cot:.3f} | "
+                       f"grad {norm:.2f} | {guard.in_a_row} bad in a row")
     step += 1
     bar.update(1)
     if step % args.log_every == 0 or step == args.steps:

@@ -60,8 +60,11 @@ IMAGE_PROCESSOR = dict(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, 
 
 
 def make_tokenizer_and_config(world_dir):
-    with open(os.path.join(world_dir, "world.json")) as f:
-        vocabulary = json.load(f)["vocabulary"]
+    path = os.path.join(world_dir, "world.json")
+    with open(path) as f:
+        vocabulary = json.load(f).get("vocabulary")
+    if not isinstance(vocabulary, list) or not all(isinstance(word, str) for word in vocabulary):
+        raise ValueError(f"{path}: 'vocabulary' must be a list of words (regenerate it: python -m data.world)")
     tok = build_word_tokenizer(vocabulary + ["describe", "think", "answer", ":"])
     ids = tok.convert_tokens_to_ids
     config = Qwen2VLConfig(text_config=dict(TEXT, vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=None,
@@ -96,7 +99,10 @@ def read_jsonl(path, world_dir):
     rows = []
     with open(path) as f:
         for i, line in enumerate(f):
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i + 1}: not valid JSON ({e})") from e
             for key in ("image", "prompt", "completion"):
                 if key not in row:
                     raise ValueError(f"{path}:{i + 1}: missing key {key!r}")

@@ -24,7 +24,9 @@ expands `<|image_pad|>` to the image's token count).
     >>> pairs = load_train("MMEB-train/A-OKVQA.parquet", "MMEB-train/images")
     >>> docs = load_visdoc("MMEB-V2/visdoc/ViDoRe_arxivqa")  # docs.qrels[qid][cid] -> graded score
 
-A malformed row raises a ValueError that names the file, the row and what is wrong.
+A malformed row raises a ValueError that names the file, the row and what is wrong. Pass a list as
+`skipped` to leave such rows out instead: each one is appended to it as `(row, message)`. A file-level
+problem (a missing column, an unreadable file) raises either way; duplicated rows warn and are kept.
 """
 
 import csv
@@ -41,6 +43,8 @@ QWEN_IMAGE = VISION_START + IMAGE_PAD + VISION_END  # Qwen2-VL's / Qwen3-VL's pl
 
 IMAGE_TASK_COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
 IMAGE_TASK_OPTIONAL = ("qry_inst", "tgt_inst")
+# Columns some exports use for the gold candidate's index; MMEB's convention (and twn's) is index 0.
+GOLD_INDEX_COLUMNS = ("gold_index", "label")
 TRAIN_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 TRAIN_OPTIONAL = ("neg_text", "neg_image_path", "cot")
 
@@ -62,6 +66,7 @@ class EvalQuery:
     query: Item
     candidates: list[Item]  # candidates[0] is the gold one
     meta: dict = field(default_factory=dict)
+    row: int = 0  # the row in its file, for error messages and skip reports
 
 
 @dataclass
@@ -71,6 +76,7 @@ class TrainPair:
     neg: Item | None = None
     cot: str | None = None  # teacher chain-of-thought, if the file has one
     meta: dict = field(default_factory=dict)
+    row: int = 0
 
 
 @dataclass
@@ -175,9 +181,23 @@ def _meta(row: dict, known: tuple[str, ...]) -> dict:
 def _as_list(where: str, name: str, value) -> list:
     if value is None:
         return []
-    if isinstance(value, str):
-        raise ValueError(f"{where}: column '{name}' holds a string, expected a list")
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{where}: column '{name}' holds {type(value).__name__}, expected a list")
     return list(value)
+
+
+def _parse_rows(path: str, rows: list[dict], parse, skipped: list | None) -> list:
+    """[parse(where, i, row)] over the rows; a row whose parse raises ValueError is re-raised, or, when
+    `skipped` is a list, left out and recorded there as (row, message)."""
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            out.append(parse(f"{path}: row {i}", i, row))
+        except ValueError as e:
+            if skipped is None:
+                raise
+            skipped.append((i, str(e)))
+    return out
 
 
 def _warn_duplicates(path: str, keys: list) -> None:
@@ -200,8 +220,8 @@ def _warn_duplicates(path: str, keys: list) -> None:
 
 
 def _candidates(where: str, row: dict, image_root: str) -> list[Item]:
-    texts = _as_list(where, "tgt_text", row["tgt_text"])
-    images = _as_list(where, "tgt_img_path", row["tgt_img_path"])
+    texts = _as_list(where, "tgt_text", row.get("tgt_text"))
+    images = _as_list(where, "tgt_img_path", row.get("tgt_img_path"))
     if not texts and not images:
         raise ValueError(f"{where}: empty candidate list")
     if len(texts) != len(images):
@@ -213,17 +233,28 @@ def _candidates(where: str, row: dict, image_root: str) -> list[Item]:
     ]
 
 
-def load_image_task(parquet_path: str, image_root: str) -> list[EvalQuery]:
+def _check_gold_index(where: str, row: dict) -> None:
+    for name in GOLD_INDEX_COLUMNS:
+        value = row.get(name)
+        # an integer index only: some exports keep a class name ("dog") in `label`, which is metadata
+        if isinstance(value, int) and not isinstance(value, bool) and value != 0:
+            raise ValueError(f"{where}: {name} is {value}, but the gold candidate must come first (index 0, "
+                             "MMEB's convention): reorder tgt_text / tgt_img_path")
+
+
+def load_image_task(parquet_path: str, image_root: str, skipped: list | None = None) -> list[EvalQuery]:
     """One MMEB image task: every query with its own candidate list (gold first)."""
     columns, rows = _read_rows(parquet_path)
     _require_columns(parquet_path, columns, IMAGE_TASK_COLUMNS)
     known = IMAGE_TASK_COLUMNS + IMAGE_TASK_OPTIONAL
-    queries = []
-    for i, row in enumerate(rows):
-        where = f"{parquet_path}: row {i}"
-        text = _compose(row.get("qry_inst"), row["qry_text"])
-        query = _item(f"{where}, query", text, row["qry_img_path"], image_root)
-        queries.append(EvalQuery(query, _candidates(where, row, image_root), _meta(row, known)))
+
+    def parse(where, i, row):
+        _check_gold_index(where, row)
+        text = _compose(row.get("qry_inst"), row.get("qry_text"))  # .get: a .jsonl row may lack a key
+        query = _item(f"{where}, query", text, row.get("qry_img_path"), image_root)
+        return EvalQuery(query, _candidates(where, row, image_root), _meta(row, known), row=i)
+
+    queries = _parse_rows(parquet_path, rows, parse, skipped)
     _warn_duplicates(parquet_path, [(q.query, tuple(q.candidates)) for q in queries])
     return queries
 
@@ -231,20 +262,21 @@ def load_image_task(parquet_path: str, image_root: str) -> list[EvalQuery]:
 # ----------------------------------------------------------------------------- training pairs
 
 
-def load_train(parquet_path: str, image_root: str) -> list[TrainPair]:
+def load_train(parquet_path: str, image_root: str, skipped: list | None = None) -> list[TrainPair]:
     """MMEB-train pairs (query, positive, optional hard negative, optional teacher CoT)."""
     columns, rows = _read_rows(parquet_path)
     _require_columns(parquet_path, columns, TRAIN_COLUMNS)
     known = TRAIN_COLUMNS + TRAIN_OPTIONAL
-    pairs = []
-    for i, row in enumerate(rows):
-        where = f"{parquet_path}: row {i}"
-        query = _item(f"{where}, query", _clean(row["qry"]), row["qry_image_path"], image_root)
-        pos = _item(f"{where}, pos", _clean(row["pos_text"]), row["pos_image_path"], image_root)
+
+    def parse(where, i, row):
+        query = _item(f"{where}, query", _clean(row.get("qry")), row.get("qry_image_path"), image_root)
+        pos = _item(f"{where}, pos", _clean(row.get("pos_text")), row.get("pos_image_path"), image_root)
         neg_text, neg_image = _clean(row.get("neg_text")), row.get("neg_image_path")
         neg = _item(f"{where}, neg", neg_text, neg_image, image_root) if neg_text or _clean(neg_image) else None
         cot = _clean(row.get("cot")) or None
-        pairs.append(TrainPair(query, pos, neg, cot, _meta(row, known)))
+        return TrainPair(query, pos, neg, cot, _meta(row, known), row=i)
+
+    pairs = _parse_rows(parquet_path, rows, parse, skipped)
     _warn_duplicates(parquet_path, [(p.query, p.pos, p.neg) for p in pairs])
     return pairs
 
@@ -275,34 +307,36 @@ def _id_column(path: str, columns: list[str], variants: tuple[str, ...]) -> str:
     return name
 
 
-def _ids(path: str, rows: list[dict], column: str) -> list[str]:
+def _row_id(where: str, row: dict, column: str, seen: set) -> str:
     # subtle: ids are compared as strings; parquet may store them as ints while qrels.tsv gives text.
-    ids, seen = [], set()
-    for i, row in enumerate(rows):
-        value = _clean(row.get(column))
-        if not value:
-            raise ValueError(f"{path}: row {i}: empty '{column}'")
-        if value in seen:
-            raise ValueError(f"{path}: row {i}: duplicated id '{value}'")
-        seen.add(value)
-        ids.append(value)
-    return ids
+    value = _clean(row.get(column))
+    if not value:
+        raise ValueError(f"{where}: empty '{column}'")
+    if value in seen:
+        raise ValueError(f"{where}: duplicated id '{value}'")
+    return value
 
 
-def _read_queries(directory: str, inst: str) -> tuple[list[Item], list[str]]:
+def _read_queries(directory: str, inst: str, skipped: list | None) -> tuple[list[Item], list[str]]:
     path = _find_part(directory, "queries", (".jsonl", ".parquet"))
     columns, rows = _read_rows(path)
-    ids = _ids(path, rows, _id_column(path, columns, ("query-id", "_id")))
+    id_column = _id_column(path, columns, ("query-id", "_id"))
     text_column = _pick_column(columns, ("query", "text"))
     if text_column is None:
         raise ValueError(f"{path}: missing column 'query' (or 'text')")
-    items = []
-    for i, row in enumerate(rows):
+    seen = set()
+
+    def parse(where, i, row):
+        qid = _row_id(where, row, id_column, seen)
         text = _clean(row.get(text_column))
         if not text:
-            raise ValueError(f"{path}: row {i}: empty '{text_column}'")
-        items.append(_item(f"{path}: row {i}", _compose(inst, text), None, directory))
-    return items, ids
+            raise ValueError(f"{where}: empty '{text_column}'")
+        item = _item(where, _compose(inst, text), None, directory)
+        seen.add(qid)
+        return qid, item
+
+    parsed = _parse_rows(path, rows, parse, skipped)
+    return [item for _, item in parsed], [qid for qid, _ in parsed]
 
 
 def _corpus_image_cell(where: str, column: str, value):
@@ -312,41 +346,58 @@ def _corpus_image_cell(where: str, column: str, value):
     return value
 
 
-def _read_corpus(directory: str, image_root: str, inst: str) -> tuple[list[Item], list[str]]:
+def _read_corpus(directory: str, image_root: str, inst: str, skipped: list | None) -> tuple[list[Item], list[str]]:
     path = _find_part(directory, "corpus", (".jsonl", ".parquet"))
     columns, rows = _read_rows(path)
-    ids = _ids(path, rows, _id_column(path, columns, ("corpus-id", "_id")))
+    id_column = _id_column(path, columns, ("corpus-id", "_id"))
     image_column = _pick_column(columns, ("image_path", "image"))
     text_column = _pick_column(columns, ("text",))
     if image_column is None and text_column is None:
         raise ValueError(f"{path}: missing column 'image_path' (or 'image', or 'text' for text pages)")
-    items = []
-    for i, row in enumerate(rows):
-        where = f"{path}: row {i}"
+    seen = set()
+
+    def parse(where, i, row):
+        cid = _row_id(where, row, id_column, seen)
         image = _corpus_image_cell(where, image_column, row.get(image_column)) if image_column else None
         text = row.get(text_column) if text_column else ""
-        items.append(_item(where, _compose(inst, text), image, image_root))
-    return items, ids
+        item = _item(where, _compose(inst, text), image, image_root)
+        seen.add(cid)
+        return cid, item
+
+    parsed = _parse_rows(path, rows, parse, skipped)
+    return [item for _, item in parsed], [cid for cid, _ in parsed]
 
 
-def _read_qrels(directory: str, query_ids: list[str], corpus_ids: list[str]) -> dict[str, dict[str, int]]:
+def _read_qrels(
+    directory: str, query_ids: list[str], corpus_ids: list[str], skipped: list | None
+) -> tuple[dict[str, dict[str, int]], set[str]]:
+    """qrels[qid][cid] -> grade, and the query ids that lost a qrels row to `skipped` (their relevant
+    pages are incomplete, so they cannot be scored right)."""
     path = _find_part(directory, "qrels", (".tsv", ".parquet", ".jsonl"))
     columns, rows = _read_rows(path)
     _require_columns(path, columns, ("query-id", "corpus-id", "score"))
     known_queries, known_corpus = set(query_ids), set(corpus_ids)
-    qrels: dict[str, dict[str, int]] = {}
-    for i, row in enumerate(rows):
-        qid, cid = _clean(row["query-id"]), _clean(row["corpus-id"])
+
+    def parse(where, i, row):
+        qid, cid = _clean(row.get("query-id")), _clean(row.get("corpus-id"))
         if qid not in known_queries:
-            raise ValueError(f"{path}: row {i}: query-id '{qid}' is not in the queries file")
+            raise ValueError(f"{where}: query-id '{qid}' is not in the queries file")
         if cid not in known_corpus:
-            raise ValueError(f"{path}: row {i}: corpus-id '{cid}' is not in the corpus file")
+            raise ValueError(f"{where}: corpus-id '{cid}' is not in the corpus file")
         try:
-            score = int(float(row["score"]))
+            score = int(float(row.get("score")))
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: row {i}: score {row['score']!r} is not a number") from e
+            raise ValueError(f"{where}: score {row.get('score')!r} is not a number") from e
+        return qid, cid, score
+
+    lost = [] if skipped is not None else None
+    qrels: dict[str, dict[str, int]] = {}
+    for qid, cid, score in _parse_rows(path, rows, parse, lost):
         qrels.setdefault(qid, {})[cid] = score
-    return qrels
+    if lost:
+        skipped += lost
+    broken = {_clean(rows[i].get("query-id")) for i, _ in lost or []} & known_queries
+    return qrels, broken
 
 
 def load_visdoc(
@@ -354,6 +405,7 @@ def load_visdoc(
     image_root: str | None = None,
     query_inst: str = VISDOC_QUERY_INST,
     corpus_inst: str = VISDOC_CORPUS_INST,
+    skipped: list | None = None,
 ) -> VisDocTask:
     """A BEIR-style visual-document task: queries, the shared corpus of pages, graded qrels.
 
@@ -361,10 +413,15 @@ def load_visdoc(
     `corpus.{jsonl,parquet}` with `corpus-id`/`_id` and `image_path`/`image` (a path) or `text`;
     `qrels.{tsv,parquet,jsonl}` (or one file in `qrels/`) with `query-id, corpus-id, score`.
     Relative image paths resolve against `image_root` (default: the task directory). The
-    instructions default to VLM2Vec's; pass "" for none.
+    instructions default to VLM2Vec's; pass "" for none. With `skipped`, a bad page is left out of
+    the corpus, and so is every query whose qrels lose a row to it (or to any other bad qrels row).
     """
     image_root = directory if image_root is None else image_root
-    queries, query_ids = _read_queries(directory, query_inst)
-    corpus, corpus_ids = _read_corpus(directory, image_root, corpus_inst)
-    qrels = _read_qrels(directory, query_ids, corpus_ids)
-    return VisDocTask(queries, query_ids, corpus, corpus_ids, qrels)
+    queries, query_ids = _read_queries(directory, query_inst, skipped)
+    corpus, corpus_ids = _read_corpus(directory, image_root, corpus_inst, skipped)
+    qrels, broken = _read_qrels(directory, query_ids, corpus_ids, skipped)
+    for qid in sorted(broken):
+        skipped.append((None, f"{directory}: query '{qid}' left out: one of its qrels rows was skipped"))
+        qrels.pop(qid, None)
+    keep = [k for k, qid in enumerate(query_ids) if qid not in broken]
+    return VisDocTask([queries[k] for k in keep], [query_ids[k] for k in keep], corpus, corpus_ids, qrels)
