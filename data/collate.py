@@ -288,9 +288,10 @@ class Processor:
         return ids, mask
 
     def decode(self, ids: torch.Tensor | list[list[int]]) -> list[str]:
-        """Texts of a (B, L) batch of generated ids, each cut at its first eos."""
+        """Texts of generated ids, each cut at its first eos: a (B, L) tensor or ragged lists of ids."""
         texts = []
-        for row in torch.as_tensor(ids).tolist():
+        for row in (ids.tolist() if torch.is_tensor(ids) else ids):
+            row = list(row)
             if self.eos_id in row:
                 row = row[: row.index(self.eos_id)]
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())

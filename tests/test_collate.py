@@ -193,3 +193,10 @@ def test_tiny_qwen2_vl_forward_on_collated_batch(backbone_dir, tmp_path):
         with torch.no_grad():
             alone = model(**processor([item])).logits[0, -1]
         torch.testing.assert_close(out.logits[row, -1], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_decode_takes_ragged_rows_and_cuts_at_eos(backbone_dir):
+    proc = Processor.from_pretrained(backbone_dir)
+    ids = proc.tokenizer("red blue", add_special_tokens=False)["input_ids"]
+    texts = proc.decode([ids + [proc.eos_id, ids[0]], ids[:1]])
+    assert texts == ["red blue", "red"]
