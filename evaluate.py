@@ -39,6 +39,7 @@ import model as twn_model
 import runtime
 from data.collate import Processor
 from data.mmeb import load_image_task, load_visdoc
+from decode import FastDecoder
 
 MODES = ("nothink", "think", "adaptive")
 
@@ -96,9 +97,10 @@ def select(tasks, spec):
 class Embedder:
     """Batches items through the model, optionally sharded over ranks; results in input order on every rank."""
 
-    def __init__(self, twn, proc, rt, batch_size, max_cot_tokens, gate=None):
+    def __init__(self, twn, proc, rt, batch_size, max_cot_tokens, gate=None, decoder=None):
         self.twn, self.proc, self.rt = twn, proc, rt
         self.batch_size, self.max_cot_tokens, self.gate = batch_size, max_cot_tokens, gate
+        self.decoder = decoder  # None: TWN.write_cot, the reference loop; else a decode.FastDecoder
 
     def _shards(self, n):
         per = math.ceil(n / self.rt.world)
@@ -169,7 +171,7 @@ class Embedder:
             rows = decode.nonzero().squeeze(1)
             if len(rows):
                 # only the rows that think decode, continuing from their cached encoding
-                e1, ids, mask = self.twn.think_embed(enc.select(rows), self.max_cot_tokens)
+                e1, ids, mask = self.twn.think_embed(enc.select(rows), self.max_cot_tokens, decode=self.decoder)
                 texts = self.proc.decode([r[m.bool()].tolist() for r, m in zip(ids.cpu(), mask.cpu())])
                 for k, i in enumerate(rows.tolist()):
                     out[i].update(think=e1[k].float().cpu(), cot=texts[k], tokens=int(mask[k].sum()))
@@ -490,6 +492,11 @@ def main(argv=None):
     g.add_argument("--max-cot-tokens", type=int, default=96, help="longest CoT the reason adapter may write")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument("--threshold", type=float, default=None, help="override the gate's saved threshold (0: always think, 1: never)")
+    g.add_argument("--fast-decode", choices=["auto", "on", "off"], default="auto",
+                   help="write CoTs with decode.FastDecoder (static cache; on CUDA one CUDA graph per token) instead "
+                        "of the reference loop TWN.write_cot; auto: on for CUDA")
+    g.add_argument("--merge-embed", action="store_true", help="--modes nothink only: fold the embed adapter into the "
+                   "backbone's weights, so no forward pays for LoRA (bench/infer.py measures the difference)")
     g = parser.add_argument_group("output")
     g.add_argument("--out", default=None, help="directory for per-task score files (default: <model>/eval)")
     g.add_argument("--json", default=None, help="path of results.json (default: <out>/results.json)")
@@ -515,6 +522,11 @@ def main(argv=None):
     twn = twn_model.from_pretrained(backbone, twn_model.read_config(args.model), tokenizer=proc.tokenizer, device=rt.device)
     twn.load(args.model)
     twn.eval()
+    if args.merge_embed:
+        if modes != ["nothink"] or args.sweep:
+            raise SystemExit("--merge-embed serves no-think only (the reason adapter cannot run on merged weights): "
+                             "use it with --modes nothink")
+        lora.merge(twn.backbone, "embed")
     gate = None
     if "adaptive" in modes or args.sweep:
         try:
@@ -525,7 +537,10 @@ def main(argv=None):
             gate.threshold.fill_(args.threshold)
     if args.sweep and not {"nothink", "think"} <= set(modes):
         raise SystemExit("--sweep needs --modes with nothink and think (it replays the gate over both)")
-    emb = Embedder(twn, proc, rt, args.batch_size, args.max_cot_tokens, gate)
+    decoder = None
+    if args.fast_decode == "on" or (args.fast_decode == "auto" and rt.device.type == "cuda"):
+        decoder = FastDecoder(twn, mode="graph" if rt.device.type == "cuda" else "eager")
+    emb = Embedder(twn, proc, rt, args.batch_size, args.max_cot_tokens, gate, decoder)
 
     out_dir = args.out or os.path.join(args.model, "eval")
     # what a saved task result depends on besides the model: reused only when these match

@@ -258,9 +258,13 @@ class TWN(nn.Module):
         return self.embed(self.encode(batch))[1]
 
     @torch.no_grad()
-    def think_embed(self, enc: State, max_new_tokens=64, temperature=0.0, generator=None):
-        """Write a CoT, then embed [input, CoT] -> (e1, cot ids, cot mask)."""
-        ids, mask, after = self.write_cot(enc, max_new_tokens, temperature, generator)
+    def think_embed(self, enc: State, max_new_tokens=64, temperature=0.0, generator=None, decode=None):
+        """Write a CoT, then embed [input, CoT] -> (e1, cot ids, cot mask).
+
+        decode: what writes the CoT, with write_cot's signature and contract; None is `self.write_cot`
+        (the reference loop), a `decode.FastDecoder` is the same decode over a static cache (CUDA graphs).
+        """
+        ids, mask, after = (decode or self.write_cot)(enc, max_new_tokens, temperature, generator)
         return self.embed(enc.then(after.tail(enc.length)))[1], ids, mask
 
     # --- files -----------------------------------------------------------------------------------
