@@ -396,6 +396,21 @@ def write_sweep(per_task, gate, out_dir):
 # fitting the gate on the model's own CoTs (called by train_sft.py and train_rl.py)
 
 
+def global_cache(emb, pairs):
+    """Every distinct training target (positives and hard negatives), embedded once without thinking.
+
+    Returns (targets, column of each target's (text, image) key, (N, H) embeddings): the gate's label
+    pool and the RL reward's environment.
+    """
+    keys = {}
+    for p in pairs:
+        for t in (p.pos, p.neg):
+            if t is not None:
+                keys.setdefault((t.text, t.image), t)
+    targets = list(keys.values())
+    return targets, {k: j for j, k in enumerate(keys)}, emb.targets(targets)
+
+
 def fit_gate(twn, proc, rt, pairs, out_dir, n=2000, budget=None, batch_size=64, max_cot_tokens=96, held_out=0.2, seed=0):
     """Self-supervised gate labels from the model's own CoTs, a class-balanced fit, a held-out threshold.
 
@@ -404,14 +419,8 @@ def fit_gate(twn, proc, rt, pairs, out_dir, n=2000, budget=None, batch_size=64, 
     """
     g = torch.Generator().manual_seed(seed)
     chosen = [pairs[i] for i in torch.randperm(len(pairs), generator=g)[:n].tolist()]
-    keys = {}
-    for p in pairs:
-        for t in (p.pos, p.neg):
-            if t is not None:
-                keys.setdefault((t.text, t.image), t)
-    col = {k: j for j, k in enumerate(keys)}
     emb = Embedder(twn, proc, rt, batch_size, max_cot_tokens)
-    cache = emb.targets(list(keys.values()))  # (N, H): the global cache, embedded once
+    keys, col, cache = global_cache(emb, pairs)
     outs = emb.queries([p.query for p in chosen], ["nothink", "think"])
     pos = torch.tensor([col[(p.pos.text, p.pos.image)] for p in chosen])
     rank0 = gate_lib.ranks(torch.stack([o["nothink"] for o in outs]) @ cache.T, pos)

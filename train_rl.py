@@ -14,7 +14,8 @@ Per step, for each of B training queries:
          r = log softmax_j( e1 . c_j / tau )[positive]  +  format_bonus * [the CoT ended with eos]
      (a log-probability of retrieving the positive: dense, bounded above by 0, and it rewards pushing
      the hardest distractors down, not only the top-1 flip);
-  3. advantages within the group: a = (r - mean_G r) / (std_G r + eps);
+  3. advantages within the group: a = r - mean_G r  (no division by the group's std: when the G CoTs
+     are near-identical, that division blows reward noise up into full-size pushes);
   4. a clipped policy-gradient loss over the CoT tokens, averaged per sequence then over the batch:
          L = -mean( min(rho * a, clip(rho, 1 - eps, 1 + eps) * a) ),   rho = p_now / p_sampled per token
      plus, if --kl > 0, kl * KL(policy || SFT reason adapter) with the k3 estimator.
@@ -25,7 +26,8 @@ Simplifications relative to full GRPO (numbered, as nanochat does):
   2. no KL penalty by default (--kl 0): the stationary reward cannot be hacked by drifting the embedder,
      and the CoT format is held by the format bonus;
   3. no value network, no GAE: one scalar reward per CoT, broadcast to its tokens;
-  4. the group baseline is the mean of the other samples *including* the sample itself.
+  4. the group baseline is the mean of the other samples *including* the sample itself;
+  5. advantages are not divided by the group's standard deviation (as nanochat).
 
     python train_rl.py                                    # mini world, from runs/sft, ~5 min on 2 cores
     torchrun --nproc_per_node=8 train_rl.py --init runs/twn-2b --data /data/MMEB-train --out runs/twn-2b-rl
@@ -48,7 +50,7 @@ import model as twn_model
 import runtime
 from data.collate import Processor
 from data.mmeb import load_image_task
-from evaluate import Embedder, fit_gate, hit_at_1
+from evaluate import Embedder, fit_gate, global_cache, hit_at_1
 
 # -----------------------------------------------------------------------------
 # settings
@@ -125,14 +127,9 @@ def to_device(batch):
 # the global embedding cache: every distinct training target, embedded once by the frozen embed side
 
 twn.eval()  # no dropout anywhere during RL: the reward must be a deterministic function of the CoT
-keys = {}
-for p in pairs:
-    for t in (p.pos, p.neg):
-        if t is not None:
-            keys.setdefault((t.text, t.image), t)
-column = {k: j for j, k in enumerate(keys)}
 emb = Embedder(twn, proc, rt, 64, args.max_cot_tokens)
-cache = emb.targets(list(keys.values())).to(rt.device)  # (N, H)
+keys, column, cache = global_cache(emb, pairs)
+cache = cache.to(rt.device)  # (N, H)
 if rt.master:
     print(f"RL of the reason adapter ({sum(p.numel() for p in policy) / 1e6:.2f} M params) from {args.init}; "
           f"global cache of {len(keys)} targets; {len(pairs)} queries; G={args.group}" +
@@ -209,9 +206,9 @@ while step < args.steps:
         pos = torch.tensor([column[(p.pos.text, p.pos.image)] for p in chunk], device=rt.device).repeat_interleave(G)
         finished = (ids == twn.eos_id).any(1)
         r = rewards(e1, pos, finished)
-        # 3. group-normalised advantages
+        # 3. advantages: each CoT against its group's mean
         rg = r.view(-1, G)
-        adv = ((rg - rg.mean(1, keepdim=True)) / (rg.std(1, keepdim=True) + 1e-4)).view(-1)
+        adv = (rg - rg.mean(1, keepdim=True)).view(-1)
         old = token_logprobs(enc, ids, mask)
         ref = None
         if args.kl > 0:
@@ -259,7 +256,7 @@ bar.close()
 runtime.check_in_sync(policy)
 # the reward environment must not have moved: re-embed some cached targets and compare
 probe = list(range(0, len(keys), max(1, len(keys) // 64)))
-drift = (emb.targets([list(keys.values())[i] for i in probe]).to(rt.device) - cache[probe]).abs().max().item()
+drift = (emb.targets([keys[i] for i in probe]).to(rt.device) - cache[probe]).abs().max().item()
 if drift > 1e-5:
     raise RuntimeError(f"the global cache went stale: re-embedded targets moved by {drift:.3g}")
 if rt.master:
