@@ -1,15 +1,11 @@
 """train_rl.py as a user runs it: only the reason adapter moves, the reward environment stays put, resume."""
 
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import torch
-from safetensors.torch import load_file
 
-from test_train import ENV, ROOT, adapters, sft
+from test_train import ENV, ROOT, adapters, kill_after_first_checkpoint, sft
 
 
 def rl(world, init, out, *extra, wait=True):
@@ -42,13 +38,7 @@ def test_rl_sigkill_then_resume_equals_an_uninterrupted_run(small_world, small_b
     steps = ["--steps", 4, "--ckpt-every", 2, "--lr", "1e-2"]
     rl(small_world, init, tmp_path / "straight", *steps)
     killed = tmp_path / "killed"
-    proc = rl(small_world, init, killed, *steps, wait=False)
-    deadline = time.time() + 300
-    while not (killed / "latest").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "twn.json").exists(), "the run finished before it could be killed"
+    kill_after_first_checkpoint(rl(small_world, init, killed, *steps, wait=False), killed)
     assert "resumed at step" in rl(small_world, init, killed, *steps)
     a, b = adapters(tmp_path / "straight"), adapters(killed)
     for k in a:

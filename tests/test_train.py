@@ -35,6 +35,16 @@ def adapters(out):
     return tensors
 
 
+def kill_after_first_checkpoint(proc, out):
+    """SIGKILL a training subprocess as soon as its first checkpoint exists: a real kill -9, mid-run."""
+    deadline = time.time() + 300
+    while not (out / "latest").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "twn.json").exists(), "the run finished before it could be killed"
+
+
 def losses(log):
     """(nce0, nce1, cot, grad norm) per logged step."""
     pattern = r"nce0 ([\d.]+) \| nce1 ([\d.]+) \| cot ([\d.]+) \| grad ([\d.]+)"
@@ -66,13 +76,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(small_world, small_back
     steps = ["--steps", 6, "--ckpt-every", 2]
     sft(small_world, small_backbone, tmp_path / "straight", *steps)
     killed = tmp_path / "killed"
-    proc = sft(small_world, small_backbone, killed, *steps, wait=False)
-    deadline = time.time() + 300
-    while not (killed / "latest").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # a real kill -9, mid-run, no chance to clean up
-    proc.wait()
-    assert not (killed / "twn.json").exists(), "the run finished before it could be killed"
+    kill_after_first_checkpoint(sft(small_world, small_backbone, killed, *steps, wait=False), killed)
     log = sft(small_world, small_backbone, killed, *steps)
     assert "resumed at step" in log
     a, b = adapters(tmp_path / "straight"), adapters(killed)
