@@ -230,6 +230,7 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (cosine, warm-up)")
     parser.add_argument("--warmup", type=int, default=200, help="warm-up steps")
     parser.add_argument("--vision-steps", type=int, default=200, help="stage 0a: supervised vision warm-up steps")
+    parser.add_argument("--report-size", type=int, default=300, help="eval examples per report line (describe, direct, think)")
     parser.add_argument("--report-every", type=int, default=0, help="run the eval report every N steps (0: at the end)")
     args = parser.parse_args()
 
@@ -271,7 +272,7 @@ def main():
             tqdm.write(f"step {step + 1}: {report(model, proc, args.world, n=100)}")
     minutes = (time.time() - t0) / 60
     save_backbone(model, tok, args.out)
-    result = dict(report(model, proc, args.world), steps=args.steps, minutes=round(minutes, 1), seed=args.seed,
+    result = dict(report(model, proc, args.world, n=args.report_size), steps=args.steps, minutes=round(minutes, 1), seed=args.seed,
                   command=" ".join(["python -m data.backbone"] + sys.argv[1:]))
     with open(os.path.join(args.out, "pretrain_report.json"), "w") as f:
         json.dump(result, f, indent=2)
