@@ -8,9 +8,9 @@ import io
 import json
 import math
 import os
-import subprocess
 import random
 import struct
+import subprocess
 import warnings
 import zlib
 
