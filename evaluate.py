@@ -382,7 +382,7 @@ def write_sweep(per_task, gate, out_dir):
     chosen = min(rows, key=lambda r: abs(r[0] - gate.threshold.item()))
     x, y = xy(chosen[1], chosen[2])
     d.ellipse([x - 5, y - 5, x + 5, y + 5], fill="red")
-    d.text((pad, 15), f"score vs think rate (threshold {gate.threshold.item():.3f}: {100 * chosen[1]:.0f}% think, "
+    d.text((pad, 15), f"score vs think rate (threshold {gate.threshold.item():.3g}: {100 * chosen[1]:.0f}% think, "
            f"{chosen[2]:.1f})", fill="black")
     d.text((pad, H - pad + 8), "0% think", fill="black")
     d.text((W - pad - 60, H - pad + 8), "100% think", fill="black")
