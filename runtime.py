@@ -13,6 +13,7 @@ gradient.
 """
 
 import contextlib
+import glob
 import json
 import math
 import os
@@ -171,6 +172,15 @@ def retrieval_logprob(e, cache, pos, tau):
 
 # -----------------------------------------------------------------------------
 # bad data and bad steps
+
+
+def training_files(data_dir):
+    """MMEB-train parquet files: those under <data_dir>/train/ if it exists, else under data_dir itself."""
+    train_dir = os.path.join(data_dir, "train") if os.path.isdir(os.path.join(data_dir, "train")) else data_dir
+    files = sorted(glob.glob(os.path.join(train_dir, "*.parquet")))
+    if not files:
+        raise SystemExit(f"no training parquet under {train_dir}")
+    return files
 
 
 def load_pairs(files, image_root, proc, on_error="fail"):

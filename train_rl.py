@@ -37,7 +37,6 @@ Resumes from --out by itself; at the end refits the gate (the CoTs changed, so d
 
 import argparse
 import contextlib
-import glob
 import json
 import os
 import shutil
@@ -112,8 +111,7 @@ sft_reason = [p.detach().clone() for p in policy]  # the KL reference
 opt = torch.optim.AdamW(policy, lr=args.lr, weight_decay=0.0)
 step, _ = runtime.load_checkpoint(args.out, twn, opt)
 
-train_dir = os.path.join(args.data, "train") if os.path.isdir(os.path.join(args.data, "train")) else args.data
-files = sorted(glob.glob(os.path.join(train_dir, "*.parquet")))
+files = runtime.training_files(args.data)
 pairs, dropped = runtime.load_pairs(files, args.image_root or args.data, proc, args.on_error)
 if dropped and rt.master:
     print(f"--on-error skip: dropped {len(dropped)} bad training pairs, the first: {dropped[0]}")

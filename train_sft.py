@@ -22,7 +22,6 @@ settings are written to --out (reasoning/, embedding/, twn.json).
 """
 
 import argparse
-import glob
 import math
 import os
 import time
@@ -90,10 +89,7 @@ if args.data == "data/world" and not os.path.exists(os.path.join(args.data, "wor
     world.generate(args.data, seed=0)
 if rt.world > 1:
     torch.distributed.barrier()
-train_dir = os.path.join(args.data, "train") if os.path.isdir(os.path.join(args.data, "train")) else args.data
-files = sorted(glob.glob(os.path.join(train_dir, "*.parquet")))
-if not files:
-    raise SystemExit(f"no training parquet under {train_dir}")
+files = runtime.training_files(args.data)
 proc = Processor.from_pretrained(args.backbone, max_pixels=args.max_pixels)
 pairs, dropped = runtime.load_pairs(files, args.image_root or args.data, proc, args.on_error)
 if dropped and rt.master:
