@@ -16,8 +16,9 @@ the positive strictly higher:
     label = 1  iff  rank1 + margin <= rank0 - 1     (margin 0: any strict improvement)
 
 Ties are losses on purpose: a CoT that leaves the ranking where it was only costs tokens.
-Thresholds: the default maximises the held-out *score* (hit@1 of the adaptive choice) and, among
-equal scores, thinks least; `budget` instead thinks on that fraction of inputs (the most confident).
+Thresholds: the default thinks least among the thresholds whose held-out *score* (hit@1 of the
+adaptive choice) is as good as the best within noise (a paired sign test, see pick_threshold); `budget` instead thinks on that fraction
+of inputs (the most confident).
 
     gate = Gate(hidden_size)
     fit(gate, states, labels)                          # class-balanced BCE
@@ -105,12 +106,31 @@ def sweep(probs, hit0, hit1):
 
 
 def pick_threshold(probs, hit0, hit1, budget=None):
-    """Best held-out score (ties: the one that thinks least), or the threshold that thinks on `budget` of inputs."""
+    """The threshold that thinks least while scoring as well as the best one, or that thinks on `budget` of inputs.
+
+    "As well as" is a paired comparison on the same held-out queries: against the best threshold, the
+    cheaper one loses w queries and wins l; if thinking less changed nothing but noise, w - l would be a
+    sum of w + l fair coin flips, with standard deviation sqrt(w + l). A threshold is kept when
+    w - l <= sqrt(w + l): held-out sets are a few hundred queries, and a query or two is not a reason to
+    think more (the one-standard-error rule of model selection, applied to thinking).
+    """
     if budget is not None:
         if budget <= 0:
             return 1.0
         return torch.quantile(probs, 1 - budget).item()
-    best = max(sweep(probs, hit0, hit1), key=lambda row: (round(row[2], 9), -row[1]))
+    rows = sweep(probs, hit0, hit1)
+    best = max(rows, key=lambda row: (round(row[2], 9), -row[1]))
+
+    def hits(t):
+        think = probs >= t if t < 1 else torch.zeros_like(probs, dtype=torch.bool)
+        return torch.where(think, hit1, hit0)
+
+    top = hits(best[0])
+    for t, _, _ in sorted(rows, key=lambda row: row[1]):  # least thinking first
+        d = top - hits(t)
+        lost, won = (d > 0).sum().item(), (d < 0).sum().item()
+        if lost - won <= (lost + won) ** 0.5:
+            return t
     return best[0]
 
 

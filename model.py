@@ -99,6 +99,18 @@ class State:
     def select(self, rows):
         return State([(k[rows], v[rows]) for k, v in self.kv], self.mask[rows], self.next_pos[rows])
 
+    @staticmethod
+    def stack(states):
+        """The rows of several States as one batch; shorter contexts are left padded (masked), as inputs are.
+
+        Positions are explicit (next_pos), so padding in front changes nothing a row attends to.
+        """
+        T = max(s.length for s in states)
+        pad = lambda x, t: F.pad(x, (0, 0, T - t, 0))  # (B, heads, t, d) -> (B, heads, T, d), zeros in front
+        kv = [tuple(torch.cat([pad(s.kv[i][j], s.length) for s in states]) for j in (0, 1)) for i in range(len(states[0].kv))]
+        mask = torch.cat([F.pad(s.mask, (T - s.length, 0)) for s in states])
+        return State(kv, mask, torch.cat([s.next_pos for s in states]))
+
 
 # -----------------------------------------------------------------------------
 

@@ -119,6 +119,46 @@ def test_embedder_decodes_only_the_gated_rows_through_the_fast_decoder():
         torch.testing.assert_close(f["adaptive"], r["adaptive"], rtol=1e-5, atol=1e-6)
 
 
+def test_embedder_pools_the_thinking_rows_of_several_batches_into_one_decode():
+    import contextlib
+    import evaluate
+    import runtime
+    twn, _ = setup("qwen2_vl")
+    decoded = []
+
+    class Spy(decode.FastDecoder):
+        def __call__(self, enc, *a, **k):
+            decoded.append(enc.mask.shape[0])
+            return super().__call__(enc, *a, **k)
+
+    class Proc:
+        def __call__(self, rows):
+            return make_batch(twn, rows)
+
+        def decode(self, seqs):
+            return [" ".join(map(str, s)) for s in seqs]
+
+    class Gate:  # think on the second row of each batch of two
+        def decide(self, pooled):
+            return torch.tensor([False, True])
+
+    rt = runtime.Runtime(0, 1, torch.device("cpu"), contextlib.nullcontext)
+    rows = ROWS + ROWS[:2]  # three batches of two: inputs of different lengths in every batch
+    outs = evaluate.Embedder(twn, Proc(), rt, 2, 8, Gate(), decoder=Spy(twn)).queries(rows, ["nothink", "adaptive"])
+    assert decoded == [2, 1]  # batches 1 and 2 pooled into one full decode; batch 3's row at the end
+    for b in range(3):  # each batch on its own, its thinking row decoded alone
+        with torch.no_grad():
+            enc = twn.encode(make_batch(twn, rows[2 * b:2 * b + 2]))
+            e0 = twn.embed(enc)[1]
+            e1, ids, mask = twn.think_embed(enc.select(torch.tensor([1])), 8)
+        skip, think = outs[2 * b], outs[2 * b + 1]
+        assert not skip["thought"] and think["thought"]
+        torch.testing.assert_close(skip["adaptive"], e0[0])
+        torch.testing.assert_close(think["adaptive"], e1[0], rtol=1e-4, atol=1e-5)  # alone == pooled with others
+        assert think["tokens"] == int(mask.sum())
+        assert think["cot"] == " ".join(map(str, ids[0][mask[0].bool()].tolist()))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/gpu.sh runs this there)")
 @pytest.mark.parametrize("mode", ["graph", "reduce-overhead"])
 def test_cuda_graph_decoders_equal_write_cot(mode):

@@ -36,13 +36,27 @@ def test_gate_fits_a_separable_problem():
 
 
 def test_threshold_maximises_score_and_meets_a_budget():
-    probs = torch.tensor([0.1, 0.2, 0.8, 0.9])
-    hit0 = torch.tensor([1.0, 1.0, 0.0, 0.0])
-    hit1 = torch.tensor([0.0, 1.0, 1.0, 1.0])
+    # four kinds of query, ten of each (so that one kind is more than noise)
+    probs = torch.tensor([0.1, 0.2, 0.8, 0.9]).repeat_interleave(10)
+    hit0 = torch.tensor([1.0, 1.0, 0.0, 0.0]).repeat_interleave(10)
+    hit1 = torch.tensor([0.0, 1.0, 1.0, 1.0]).repeat_interleave(10)
     t = gate_lib.pick_threshold(probs, hit0, hit1)
     assert t == pytest.approx(0.8)  # think on the two confident ones: score 1.0; 0.2 also scores 1.0 but thinks more
     assert gate_lib.pick_threshold(probs, hit0, hit1, budget=0.25) > 0.8
     assert gate_lib.pick_threshold(probs, hit0, hit1, budget=0.0) == 1.0
+
+
+def test_threshold_prefers_less_thinking_when_the_score_is_the_same_within_noise():
+    # 100 queries: thinking helps the 20 the gate is surest about, and one it is unsure about (prob 0.30)
+    probs = torch.linspace(0, 1, 100)
+    hit0, hit1 = torch.ones(100), torch.ones(100)
+    hit0[80:] = 0
+    hit0[30] = 0
+    t = gate_lib.pick_threshold(probs, hit0, hit1)
+    # the best score (1.0) needs thinking on 70 % of queries; 0.99 with 20 % is the same within noise
+    assert t == pytest.approx(probs[80].item())
+    hit0[30:80] = 0  # now thinking helps on every query from 0.3 up: each one left out is a real loss
+    assert gate_lib.pick_threshold(probs, hit0, hit1) == pytest.approx(probs[31].item())  # one query is noise
 
 
 def test_adaptive_at_threshold_0_is_always_think_and_at_1_never(small_world, small_backbone):
