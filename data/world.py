@@ -15,45 +15,50 @@ one of 8 colours x 4 shapes and fills most of its cell; a scene is 1-8 objects, 
 Its canonical caption lists the objects in cell order, and every text is lowercase words from a small
 closed vocabulary (`vocabulary()`) with punctuation as separate words.
 
-A worked example. The hard query is row 100 of eval/ColorVQA.parquet with seed 0 (the first hard
-one); the easy query is the one the easy maker would ask of the same scene.
+A worked example: row 2 of eval/ColorVQA.parquet with seed 0 (the first hard query), and row 0 (the
+first easy one).
 
-         1      2              3              4          scene (canonical caption):
-    a    .      green circle   cyan square    .          a2 green circle , a3 cyan square ,
-    b    .      .              .              .          c3 cyan circle , d3 blue cross ,
-    c    .      .              cyan circle    .          d4 purple square
-    d    .      .              blue cross     purple square
+         1             2              3              4
+    a    blue cross    .              .              .
+    b    white cross   purple cross   .              .
+    c    .             .              .              orange square
+    d    orange cross  .              purple square  red triangle
 
-    easy  qry_text  <|image_1|> represent the given image with the following question : what colour is the cross ?
-          gold      blue   (candidates: the other 7 colours, then 2 words of other answer types)
-          cot       a2 green circle , a3 cyan square , c3 cyan circle , d3 blue cross , d4 purple square .
-                    the cross is at d3 . d3 is blue cross . answer : blue
-    hard  qry_text  <|image_1|> ... question : what colour is the object left of the purple square ?
+    hard  qry_text  <|image_1|> represent the given image with the following question : what colour is
+                    the object left of the purple cross ?
+          gold      white   (candidates: the other 7 colours, then 2 words of other answer types)
+          cot       a1 blue cross , b1 white cross , b2 purple cross , c4 orange square , d1 orange cross ,
+                    d3 purple square , d4 red triangle . the purple cross is at b2 . left of b2 is b1 .
+                    b1 is white . answer : white
+    easy  qry_text  <|image_1|> ... question : what colour is the square ?   (its own scene: one object)
           gold      blue
-          cot       a2 green circle , ... , d4 purple square . the purple square is at d4 .
-                    left of d4 is d3 . d3 is blue cross . answer : blue
+          cot       b1 blue square . the square is at b1 . b1 is blue . answer : blue
 
-Every CoT first lists the objects (the look), then makes each hop a short copy step, then names the
-answer (`answer : X`). Relations mean the directly adjacent cell ("left of c3" is c2).
+Every CoT first lists the objects (the look: the canonical caption), then makes each hop a short copy
+step, then names the answer (`answer : X`). Relations mean the directly adjacent cell ("left of c3" is
+c2). Easy VQA and grounding scenes hold 1-3 objects, hard ones 3-8 with
+lures that share an attribute with the object asked about: an easy query is answered by one look at a
+simple image, a hard one by finding an anchor among look-alikes and hopping from it.
 
 The 8 tasks (each query tagged easy or hard, half each; the intended answer is drawn balanced first,
 then a scene is built around it, so guessing stays at chance):
   ColorCLS  image -> most common colour. easy: one colour; hard: 5-7 objects, 2-3 colours, the winner
             only one ahead of the runner-up.
   CountCLS  image -> number word. easy: 1-3 objects; hard: 5-8 (4 is left out to keep the two apart).
-  ColorVQA  easy "what colour is the circle ?" (the only circle); hard "what colour is the object left
-            of the blue triangle ?" (anchor unique by colour+shape, and another object shares one of
-            its attributes, so naming it takes both words).
-  ShapeVQA  easy "what shape is the red object ?"; hard: a relation as above, or "what shape is the
-            object with the same colour as the triangle ?" (exactly one other object has that colour).
-  WhereVQA  -> cell name. easy "where is the red circle ?" (the only red and the only circle); hard
-            "where is the object with the same colour as the square ?".
+  ColorVQA  easy "what colour is the circle ?" (the only circle, 1-3 objects); hard "what colour is
+            the object left of the blue triangle ?" (anchor unique by colour+shape, and another object
+            shares one of its attributes, so naming it takes both words).
+  ShapeVQA  easy "what shape is the red object ?" (1-3 objects); hard: a relation as above, or "what
+            shape is the object with the same colour as the triangle ?" (exactly one other object has
+            that colour).
+  WhereVQA  -> cell name. easy "where is the red circle ?" (the only red and the only circle, 1-3
+            objects); hard "where is the object with the same colour as the square ?".
   I2T       image -> caption. easy: 2-3 objects, distractors are other scenes' captions; hard: 5-7
             objects, distractors are the gold caption with one colour, shape or cell changed.
   T2I       text -> image. easy "an image with a red circle" (no distractor has one); hard "an image
             with a red circle left of a blue square" (distractors hold both, never in that relation).
-  Ground    image + phrase -> 56 px crop of a cell. easy "the red circle"; hard "the object left of the
-            red circle". Every candidate crop shows a different colour+shape.
+  Ground    image + phrase -> 56 px crop of a cell. easy "the red circle" (1-3 objects); hard "the
+            object left of the red circle". Every candidate crop shows a different colour+shape.
 
 Files under --out (parquet paths are relative to it: it is the image root):
   eval/<Task>.parquet  MMEB-V2 image-task columns `qry_inst, qry_text, qry_img_path, tgt_inst,
@@ -254,17 +259,18 @@ def cot(*steps, answer):
     return " . ".join([*steps, f"answer : {answer}"])
 
 
-def say(obj):
-    return f"{obj.cell} is {obj.colour} {obj.shape}"
+def say(obj, what="colour shape"):
+    """Read the asked attribute(s) of the object at a cell: `c1 is blue`, `c1 is triangle`, `c1 is blue triangle`."""
+    return f"{obj.cell} is " + " ".join(getattr(obj, w) for w in what.split())
 
 
-def hop(anchor, relation, ref):
+def hop(anchor, relation, ref, what):
     return [f"the {anchor.colour} {anchor.shape} is at {anchor.cell}", f"{relation} {anchor.cell} is {ref.cell}",
-            say(ref)]
+            say(ref, what)]
 
 
 def match(key, ref):
-    return [f"the {key.shape} is at {key.cell}", say(key), f"{key.colour} is also at {ref.cell}"]
+    return [f"the {key.shape} is at {key.cell}", say(key, "colour"), f"{key.colour} is also at {ref.cell}"]
 
 
 # -----------------------------------------------------------------------------
@@ -336,14 +342,14 @@ def count_cls(rng, difficulty, n, n_cand):
 def color_vqa(rng, difficulty, colour, n_cand):
     if difficulty == "easy":
         shape = pick(rng, SHAPES)
-        rest = random_kinds(rng, int(rng.integers(2, 7)), lambda k: k[1] != shape)
+        rest = random_kinds(rng, int(rng.integers(0, 3)), lambda k: k[1] != shape)
         scene = scene_of(scatter(rng, [(colour, shape)] + rest))
         (ref,) = find(scene, shape=shape)
-        question, steps = f"what colour is the {shape} ?", [f"the {shape} is at {ref.cell}", say(ref)]
+        question, steps = f"what colour is the {shape} ?", [f"the {shape} is at {ref.cell}", say(ref, "colour")]
     else:
         scene, anchor, relation, ref = related(rng, colour=colour)
         question = f"what colour is the object {relation} the {anchor.colour} {anchor.shape} ?"
-        steps = hop(anchor, relation, ref)
+        steps = hop(anchor, relation, ref, "colour")
     return Query(scene, question, question, colour, cot(caption(scene), *steps, answer=colour),
                  labels(rng, colour, n_cand))
 
@@ -351,18 +357,19 @@ def color_vqa(rng, difficulty, colour, n_cand):
 def shape_vqa(rng, difficulty, shape, n_cand):
     if difficulty == "easy":
         colour = pick(rng, COLOURS)
-        rest = random_kinds(rng, int(rng.integers(2, 7)), lambda k: k[0] != colour)
+        rest = random_kinds(rng, int(rng.integers(0, 3)), lambda k: k[0] != colour)
         scene = scene_of(scatter(rng, [(colour, shape)] + rest))
         (ref,) = find(scene, colour=colour)
-        question, steps = f"what shape is the {colour} object ?", [f"the {colour} object is at {ref.cell}", say(ref)]
+        question = f"what shape is the {colour} object ?"
+        steps = [f"the {colour} object is at {ref.cell}", say(ref, "shape")]
     elif rng.random() < 0.5:
         scene, anchor, relation, ref = related(rng, shape=shape)
         question = f"what shape is the object {relation} the {anchor.colour} {anchor.shape} ?"
-        steps = hop(anchor, relation, ref)
+        steps = hop(anchor, relation, ref, "shape")
     else:
         scene, key, ref = same_colour(rng, shape=shape)
         question = f"what shape is the object with the same colour as the {key.shape} ?"
-        steps = match(key, ref) + [say(ref)]
+        steps = match(key, ref) + [say(ref, "shape")]
     return Query(scene, question, question, shape, cot(caption(scene), *steps, answer=shape),
                  labels(rng, shape, n_cand))
 
@@ -371,7 +378,7 @@ def where_vqa(rng, difficulty, cell, n_cand):
     if difficulty == "easy":
         ref = Obj(cell, *random_kind(rng))
         colour, shape = ref.colour, ref.shape
-        rest = random_kinds(rng, int(rng.integers(2, 7)), lambda k: k[0] != colour and k[1] != shape)
+        rest = random_kinds(rng, int(rng.integers(0, 3)), lambda k: k[0] != colour and k[1] != shape)
         scene = scene_of([ref] + scatter(rng, rest, taken=[ref]))
         question, steps = f"where is the {colour} {shape} ?", [f"the {colour} {shape} is at {cell}"]
     else:
@@ -426,12 +433,13 @@ def apart(rng, kind, other, relation, fill):
 def ground(rng, difficulty, kind, n_cand):
     colour, shape = kind
     if difficulty == "easy":
-        scene = scene_of(scatter(rng, [kind] + random_kinds(rng, int(rng.integers(2, 7)), lambda k: k != kind)))
+        scene = scene_of(scatter(rng, [kind] + random_kinds(rng, int(rng.integers(0, 3)), lambda k: k != kind)))
         (ref,) = find(scene, colour, shape)
         phrase, steps = f"the {colour} {shape}", [f"the {colour} {shape} is at {ref.cell}"]
     else:
         scene, anchor, relation, ref = related(rng, colour, shape)
-        phrase, steps = f"the object {relation} the {anchor.colour} {anchor.shape}", hop(anchor, relation, ref)
+        phrase = f"the object {relation} the {anchor.colour} {anchor.shape}"
+        steps = hop(anchor, relation, ref, "colour shape")
     answer = f"{colour} {shape}"
     return Query(scene, phrase, f"what is {phrase} ?", answer, cot(caption(scene), *steps, answer=answer),
                  [CropImage(scene, ref)] + crop_distractors(rng, scene, kind, n_cand - 1))

@@ -68,8 +68,12 @@ def test_gradcache_chunks_give_the_full_batch_update(small_world, small_backbone
     sft(small_world, small_backbone, tmp_path / "full", "--steps", 2)
     sft(small_world, small_backbone, tmp_path / "chunks", "--steps", 2, "--micro-batch", 3)
     a, b = adapters(tmp_path / "full"), adapters(tmp_path / "chunks")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5, msg=k)
+    # Adam's first steps move each weight by about +-lr whatever the size of its gradient, so an entry
+    # whose gradient is zero up to rounding may step either way in the two runs: allow a handful of those.
+    # Wrong negatives in the chunks (the bug GradCache exists to avoid) change the gradient everywhere.
+    off = sum(int((~torch.isclose(a[k], b[k], rtol=1e-3, atol=1e-5)).sum()) for k in a)
+    total = sum(a[k].numel() for k in a)
+    assert off <= 1e-4 * total, f"{off} of {total} adapter weights differ"
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(small_world, small_backbone, tmp_path):
