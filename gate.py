@@ -17,8 +17,8 @@ the positive strictly higher:
 
 Ties are losses on purpose: a CoT that leaves the ranking where it was only costs tokens.
 Thresholds: the default thinks least among the thresholds whose held-out *score* (hit@1 of the
-adaptive choice) is as good as the best within noise (a paired sign test, see pick_threshold); `budget` instead thinks on that fraction
-of inputs (the most confident).
+adaptive choice) is as good as the best within noise (a paired sign test, see pick_threshold);
+`budget` instead thinks on that fraction of inputs (the most confident).
 
     gate = Gate(hidden_size)
     fit(gate, states, labels)                          # class-balanced BCE
@@ -100,9 +100,15 @@ def sweep(probs, hit0, hit1):
     thresholds = torch.cat([torch.sort(probs.unique()).values, torch.tensor([1.0])])  # 1.0: never think
     rows = []
     for t in thresholds.tolist():
-        think = probs >= t if t < 1 else torch.zeros_like(probs, dtype=torch.bool)
-        rows.append((t, think.float().mean().item(), torch.where(think, hit1, hit0).mean().item()))
+        think, hits = choose(probs, hit0, hit1, t)
+        rows.append((t, think.float().mean().item(), hits.mean().item()))
     return rows
+
+
+def choose(probs, hit0, hit1, t):
+    """At threshold t: which inputs think (threshold 1 never does), and each one's hit with that choice."""
+    think = probs >= t if t < 1 else torch.zeros_like(probs, dtype=torch.bool)
+    return think, torch.where(think, hit1, hit0)
 
 
 def pick_threshold(probs, hit0, hit1, budget=None):
@@ -120,14 +126,9 @@ def pick_threshold(probs, hit0, hit1, budget=None):
         return torch.quantile(probs, 1 - budget).item()
     rows = sweep(probs, hit0, hit1)
     best = max(rows, key=lambda row: (round(row[2], 9), -row[1]))
-
-    def hits(t):
-        think = probs >= t if t < 1 else torch.zeros_like(probs, dtype=torch.bool)
-        return torch.where(think, hit1, hit0)
-
-    top = hits(best[0])
+    top = choose(probs, hit0, hit1, best[0])[1]
     for t, _, _ in sorted(rows, key=lambda row: row[1]):  # least thinking first
-        d = top - hits(t)
+        d = top - choose(probs, hit0, hit1, t)[1]
         lost, won = (d > 0).sum().item(), (d < 0).sum().item()
         if lost - won <= (lost + won) ** 0.5:
             return t

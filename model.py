@@ -107,7 +107,8 @@ class State:
         """
         T = max(s.length for s in states)
         pad = lambda x, t: F.pad(x, (0, 0, T - t, 0))  # (B, heads, t, d) -> (B, heads, T, d), zeros in front
-        kv = [tuple(torch.cat([pad(s.kv[i][j], s.length) for s in states]) for j in (0, 1)) for i in range(len(states[0].kv))]
+        kv = [tuple(torch.cat([pad(s.kv[layer][j], s.length) for s in states]) for j in (0, 1))
+              for layer in range(len(states[0].kv))]
         mask = torch.cat([F.pad(s.mask, (T - s.length, 0)) for s in states])
         return State(kv, mask, torch.cat([s.next_pos for s in states]))
 

@@ -36,9 +36,9 @@ first easy one).
 
 Every CoT first lists the objects (the look: the canonical caption), then makes each hop a short copy
 step, then names the answer (`answer : X`). Relations mean the directly adjacent cell ("left of c3" is
-c2). Easy VQA and grounding scenes hold 1-3 objects, hard ones 3-8 with
-lures that share an attribute with the object asked about: an easy query is answered by one look at a
-simple image, a hard one by finding an anchor among look-alikes and hopping from it.
+c2). Easy VQA and grounding scenes hold 1-3 objects, hard ones 3-8 with lures that share an attribute
+with the object asked about: an easy query is answered by one look at a simple image, a hard one by
+finding an anchor among look-alikes and hopping from it.
 
 The 8 tasks (each query tagged easy or hard, half each; the intended answer is drawn balanced first,
 then a scene is built around it, so guessing stays at chance):

@@ -87,16 +87,20 @@ def test_a_gathered_sub_batch_and_a_reused_cache_give_the_same_rows():
     assert_same_state(full[2], again[2])
 
 
-def test_embedder_decodes_only_the_gated_rows_through_the_fast_decoder():
+def embedder(twn, batch_size, think_pattern, fast=True):
+    """evaluate.Embedder over make_batch inputs, with a gate that thinks on `think_pattern` (a bool per row
+    of each batch) and, if fast, a FastDecoder that records the rows of each decode in `.decoded`."""
     import contextlib
     import evaluate
     import runtime
-    twn, _ = setup("qwen2_vl")
-    decoded = []
 
     class Spy(decode.FastDecoder):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.decoded = []
+
         def __call__(self, enc, *a, **k):
-            decoded.append(enc.mask.shape[0])
+            self.decoded.append(enc.mask.shape[0])
             return super().__call__(enc, *a, **k)
 
     class Proc:  # the collator, reduced to what Embedder uses
@@ -106,46 +110,32 @@ def test_embedder_decodes_only_the_gated_rows_through_the_fast_decoder():
         def decode(self, seqs):
             return [" ".join(map(str, s)) for s in seqs]
 
-    class Gate:  # think on rows 1 and 3
+    class Gate:
         def decide(self, pooled):
-            return torch.tensor([False, True, False, True])
+            return torch.tensor(think_pattern)
 
     rt = runtime.Runtime(0, 1, torch.device("cpu"), contextlib.nullcontext)
-    ref = evaluate.Embedder(twn, Proc(), rt, 4, 8, Gate()).queries(ROWS, ["nothink", "adaptive"])
-    fast = evaluate.Embedder(twn, Proc(), rt, 4, 8, Gate(), decoder=Spy(twn)).queries(ROWS, ["nothink", "adaptive"])
-    assert decoded == [2]  # a dense sub-batch of the two gated rows
-    for r, f in zip(ref, fast):
+    return evaluate.Embedder(twn, Proc(), rt, batch_size, 8, Gate(), decoder=Spy(twn) if fast else None)
+
+
+def test_embedder_decodes_only_the_gated_rows_through_the_fast_decoder():
+    twn, _ = setup("qwen2_vl")
+    pattern = [False, True, False, True]  # think on rows 1 and 3
+    ref = embedder(twn, 4, pattern, fast=False).queries(ROWS, ["nothink", "adaptive"])
+    fast = embedder(twn, 4, pattern)
+    outs = fast.queries(ROWS, ["nothink", "adaptive"])
+    assert fast.decoder.decoded == [2]  # a dense sub-batch of the two gated rows
+    for r, f in zip(ref, outs):
         assert r["thought"] == f["thought"] and r["cot"] == f["cot"] and r["tokens"] == f["tokens"]
         torch.testing.assert_close(f["adaptive"], r["adaptive"], rtol=1e-5, atol=1e-6)
 
 
 def test_embedder_pools_the_thinking_rows_of_several_batches_into_one_decode():
-    import contextlib
-    import evaluate
-    import runtime
     twn, _ = setup("qwen2_vl")
-    decoded = []
-
-    class Spy(decode.FastDecoder):
-        def __call__(self, enc, *a, **k):
-            decoded.append(enc.mask.shape[0])
-            return super().__call__(enc, *a, **k)
-
-    class Proc:
-        def __call__(self, rows):
-            return make_batch(twn, rows)
-
-        def decode(self, seqs):
-            return [" ".join(map(str, s)) for s in seqs]
-
-    class Gate:  # think on the second row of each batch of two
-        def decide(self, pooled):
-            return torch.tensor([False, True])
-
-    rt = runtime.Runtime(0, 1, torch.device("cpu"), contextlib.nullcontext)
     rows = ROWS + ROWS[:2]  # three batches of two: inputs of different lengths in every batch
-    outs = evaluate.Embedder(twn, Proc(), rt, 2, 8, Gate(), decoder=Spy(twn)).queries(rows, ["nothink", "adaptive"])
-    assert decoded == [2, 1]  # batches 1 and 2 pooled into one full decode; batch 3's row at the end
+    emb = embedder(twn, 2, [False, True])  # think on the second row of each batch
+    outs = emb.queries(rows, ["nothink", "adaptive"])
+    assert emb.decoder.decoded == [2, 1]  # batches 1 and 2 pooled into one full decode; batch 3's row at the end
     for b in range(3):  # each batch on its own, its thinking row decoded alone
         with torch.no_grad():
             enc = twn.encode(make_batch(twn, rows[2 * b:2 * b + 2]))
