@@ -20,7 +20,10 @@ preprocessor_config.json, generation_config.json): everything downstream loads i
 
 The result is committed (a few MB), so the main job starts from it; this is the command that rebuilds it.
 At the end it reports, on eval scenes it never saw, how well it perceives (per attribute) and how its
-direct answers compare with its chains of thought on easy and hard questions (pretrain_report.json).
+direct answers compare with its chains of thought on easy and hard questions (pretrain_report.json),
+and how often it gets a CoT's lookup step right (`lookup_accuracy`, on training and eval scenes).
+
+    python -m data.backbone --report-only                                     # the report of the committed one
 """
 
 import argparse
@@ -187,6 +190,31 @@ def final_answer(text):
 
 
 @torch.no_grad()
+def lookup_accuracy(model, proc, rows, batch_size=64):
+    """Teacher-forced: how often the most likely next word after `is at` in a CoT is the right cell.
+
+    That word is the CoT's lookup step ("the triangle is at ___"): find the object the question names in
+    the listing just written, copy its cell. Every VQA and grounding CoT makes one, and a hard one makes it
+    among look-alikes, so this is the skill the reasoner's accuracy rests on. Fed the teacher's CoT, it
+    measures the step alone, not the errors before it.
+    """
+    ok = total = 0
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        batch = proc([to_item(r) for r in chunk])
+        ids = batch["input_ids"]
+        best = model(**batch).logits.argmax(-1)
+        for j, row in enumerate(chunk):
+            words = row["completion"].split()  # the world's tokenizer: one token per word
+            start = ids.shape[1] - len(words) - 1  # left padded: the completion and eos end the row
+            for k in range(2, len(words)):
+                if words[k - 2:k] == ["is", "at"]:
+                    ok += int(best[j, start + k - 1] == ids[j, start + k])
+                    total += 1
+    return round(ok / max(total, 1), 3)
+
+
+@torch.no_grad()
 def report(model, proc, world_dir, n=300):
     """Per-attribute perception of unseen scenes, and direct vs CoT accuracy by difficulty."""
     model.eval()
@@ -213,6 +241,11 @@ def report(model, proc, world_dir, n=300):
             got = generate(model, proc, sel, 96 if kind == "think" else 8)
             acc = sum(final_answer(g) == final_answer(r["completion"]) for r, g in zip(sel, got)) / max(len(sel), 1)
             out[f"{kind}_{difficulty}"] = round(acc, 3)
+    train = read_jsonl(os.path.join(world_dir, "pretrain.jsonl"), world_dir)
+    random.Random(0).shuffle(train)
+    out["lookup"] = {f"{split}_{difficulty}": lookup_accuracy(model, proc, [
+        r for r in split_rows if r["kind"] == "think" and r["difficulty"] == difficulty and " is at " in r["completion"]][:n])
+        for split, split_rows in (("train", train), ("eval", rows)) for difficulty in ("easy", "hard")}
     model.train()
     return out
 
@@ -232,8 +265,14 @@ def main():
     parser.add_argument("--vision-steps", type=int, default=200, help="stage 0a: supervised vision warm-up steps")
     parser.add_argument("--report-size", type=int, default=300, help="eval examples per report line (describe, direct, think)")
     parser.add_argument("--report-every", type=int, default=0, help="run the eval report every N steps (0: at the end)")
+    parser.add_argument("--report-only", action="store_true", help="report on the backbone already in --out, "
+                        "train nothing (printed; pretrain_report.json keeps the build's report)")
     args = parser.parse_args()
 
+    if args.report_only:
+        model = Qwen2VLForConditionalGeneration.from_pretrained(args.out)
+        print(json.dumps(report(model, Processor.from_pretrained(args.out), args.world, n=args.report_size), indent=2))
+        return
     torch.manual_seed(args.seed)
     if not os.path.exists(os.path.join(args.world, "world.json")):
         print(f"generating the mini world in {args.world}")

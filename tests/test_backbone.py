@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from data import world
-from data.backbone import generate, read_jsonl
+from data.backbone import generate, lookup_accuracy, read_jsonl
 from data.collate import Processor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,3 +47,26 @@ def test_backbone_script_rebuilds_a_model_in_a_few_steps(small_world, tmp_path):
         assert (out / name).exists(), name
     report = json.loads((out / "pretrain_report.json").read_text())
     assert set(report["perception"]) == {"object", "cell", "colour", "shape"} and report["steps"] == 3
+    assert set(report["lookup"]) == {"train_easy", "train_hard", "eval_easy", "eval_hard"}
+
+
+class Oracle(torch.nn.Module):
+    """A stand-in LM whose most likely next word at position t is input t+1 (shift=1: it knows the
+    answer) or input t (shift=0: it repeats the word it just read)."""
+
+    def __init__(self, shift):
+        super().__init__()
+        self.shift = shift
+
+    def forward(self, input_ids, **_):
+        target = torch.roll(input_ids, -self.shift, dims=1)
+        return type("Out", (), {"logits": torch.nn.functional.one_hot(target, 1000).float()})
+
+
+def test_lookup_accuracy_scores_the_word_after_is_at(small_world):
+    proc = Processor.from_pretrained(TINY)
+    rows = [r for r in read_jsonl(os.path.join(small_world, "pretrain_eval.jsonl"), small_world)
+            if r["kind"] == "think" and " is at " in r["completion"]][:6]
+    assert len(rows) == 6
+    assert lookup_accuracy(Oracle(shift=1), proc, rows, batch_size=4) == 1.0  # two batches, left padded
+    assert lookup_accuracy(Oracle(shift=0), proc, rows, batch_size=4) == 0.0  # predicts "at" again
