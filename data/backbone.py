@@ -11,6 +11,8 @@ config, with a word-level tokenizer trained on the world's closed vocabulary, pr
   - perception   `describe :`             -> the canonical caption (`a1 red circle , b3 blue square`)
   - direct       `<question>`              -> `answer : blue`
   - reasoning    `<question> think :`      -> the teacher CoT, ending in `answer : blue`
+  and, text only, in every batch beside them (`--drills`, fresh random scenes, `world.reading_drill`):
+  - reading      `<question> think : <listing> .` -> the CoT's hops (`the square is at b1 . b1 is blue ...`)
 It is saved as a standard HF directory (config.json, model.safetensors, tokenizer files,
 preprocessor_config.json, generation_config.json): everything downstream loads it with
 `from_pretrained(dir)` exactly as it loads the real Qwen2-VL, and nothing special-cases it.
@@ -34,6 +36,7 @@ import random
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -265,6 +268,8 @@ def main():
     parser.add_argument("--vision-steps", type=int, default=200, help="stage 0a: supervised vision warm-up steps")
     parser.add_argument("--report-size", type=int, default=300, help="eval examples per report line (describe, direct, think)")
     parser.add_argument("--report-every", type=int, default=0, help="run the eval report every N steps (0: at the end)")
+    parser.add_argument("--drills", type=int, default=32, help="text-only reading drills added to each step's batch "
+                        "(world.reading_drill: without them the lookup step stays near chance)")
     parser.add_argument("--report-only", action="store_true", help="report on the backbone already in --out, "
                         "train nothing (printed; pretrain_report.json keeps the build's report)")
     args = parser.parse_args()
@@ -287,7 +292,9 @@ def main():
     t0 = time.time()
     if args.vision_steps:
         print(f"stage 0a: vision warm-up, final loss {warm_up_vision(model, proc, rows, args.vision_steps, seed=args.seed):.3f}")
-    rng = random.Random(args.seed)
+    rng, drill_rng = random.Random(args.seed), np.random.default_rng(args.seed)
+    eval_scenes = frozenset(r["completion"] for r in read_jsonl(os.path.join(args.world, "pretrain_eval.jsonl"), args.world)
+                            if r["kind"] == "describe")  # never drill on a scene the eval shows
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     lr_at = lambda s: args.lr * min(1.0, (s + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
     order, pos = [], 0
@@ -299,6 +306,7 @@ def main():
             rng.shuffle(order)
         chunk = [rows[i] for i in order[pos:pos + args.batch_size]]
         pos += args.batch_size
+        chunk += [world_lib.reading_drill(drill_rng, eval_scenes) for _ in range(args.drills)]
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         loss = batch_loss(model, proc, chunk)

@@ -644,6 +644,28 @@ def pretrain_lines(difficulty, query, image):
                  difficulty=difficulty)]
 
 
+def reading_drill(rng, forbidden=frozenset()):
+    """A text-only pretraining row that drills the lookups every VQA and grounding CoT makes.
+
+    The question, ` think :` and the CoT's listing are given; the hops and the answer are to be written:
+        prompt      what colour is the square ? think : b1 blue square , c3 red circle .
+        completion  the square is at b1 . b1 is blue . answer : blue
+    A real MLLM learned to look things up in its own context from a vast text corpus; the tiny backbone
+    does not get that from the world's 9,000 training scenes (its lookup step stayed near chance:
+    `data.backbone.lookup_accuracy`), so it reads fresh random scenes, as many as it needs. No image: it
+    learns to *read* here, and to see from the image rows. A scene in `forbidden` (eval's) is drawn again.
+    """
+    while True:
+        task = TASKS[pick(rng, ["ColorVQA", "ShapeVQA", "WhereVQA", "Ground"])]
+        difficulty = pick(rng, DIFFICULTIES)
+        query = task.make(rng, difficulty, pick(rng, task.goals[difficulty]), 10)
+        if caption(query.scene) not in forbidden:
+            break
+    look, hops = query.cot.split(" . ", 1)
+    return dict(image=None, prompt=f"{query.prompt} think : {look} .", completion=hops, kind="read",
+                difficulty=difficulty)
+
+
 def describe_lines(split):
     return [dict(image=path, prompt="describe :", completion=shows, kind="describe", difficulty="")
             for path, shows in split.described]

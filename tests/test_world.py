@@ -288,3 +288,23 @@ def test_parse_caption_round_trips_and_skips_slips():
 def test_rejects_too_few_candidates(tmp_path):
     with pytest.raises(ValueError):
         world.generate(tmp_path, n_candidates=5)
+
+
+def test_reading_drills_give_the_listing_and_ask_for_the_hops():
+    rng = np.random.default_rng(0)
+    rows = [world.reading_drill(rng) for _ in range(200)]
+    listing = lambda row: row["prompt"].split(" think : ")[1].removesuffix(" .")
+    for row in rows:
+        assert row["image"] is None and row["prompt"].endswith(" .") and " think : " in row["prompt"]
+        objs = world.parse_caption(listing(row))
+        assert world.caption(objs) == listing(row)
+        assert objs and row["completion"].split(" . ")[-1].startswith("answer : ")
+        # the first hop names the cell of the object the question asks about: one object in the listing
+        named, cell = re.match(r"the (.+) is at (\w\d)", row["completion"]).groups()
+        words = [w for w in named.split() if w != "object"]
+        assert [o.cell for o in objs if all(w in (o.colour, o.shape) for w in words)] == [cell]
+    assert {r["difficulty"] for r in rows} == {"easy", "hard"}
+    # a scene in `forbidden` is never drilled on
+    forbidden = {listing(r) for r in rows}
+    again = [world.reading_drill(np.random.default_rng(0), forbidden) for _ in range(20)]
+    assert all(listing(r) not in forbidden for r in again)
