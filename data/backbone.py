@@ -17,7 +17,7 @@ It is saved as a standard HF directory (config.json, model.safetensors, tokenize
 preprocessor_config.json, generation_config.json): everything downstream loads it with
 `from_pretrained(dir)` exactly as it loads the real Qwen2-VL, and nothing special-cases it.
 
-    python -m data.backbone --world data/world --out data/tiny-qwen2vl        # ~20 min on 2 cores
+    python -m data.backbone --world data/world --out data/tiny-qwen2vl        # ~30 min on 2 cores
     python -m data.backbone --steps 20 --out /tmp/bb                          # a smoke run
 
 The result is committed (a few MB), so the main job starts from it; this is the command that rebuilds it.
