@@ -274,14 +274,14 @@ def main():
                         "train nothing (printed; pretrain_report.json keeps the build's report)")
     args = parser.parse_args()
 
+    if not os.path.exists(os.path.join(args.world, "world.json")):
+        print(f"generating the mini world in {args.world}")
+        world_lib.generate(args.world, seed=0)
     if args.report_only:
         model = Qwen2VLForConditionalGeneration.from_pretrained(args.out)
         print(json.dumps(report(model, Processor.from_pretrained(args.out), args.world, n=args.report_size), indent=2))
         return
     torch.manual_seed(args.seed)
-    if not os.path.exists(os.path.join(args.world, "world.json")):
-        print(f"generating the mini world in {args.world}")
-        world_lib.generate(args.world, seed=0)
     tok, config = make_tokenizer_and_config(args.world)
     model = Qwen2VLForConditionalGeneration(config)
     save_backbone(model, tok, args.out)  # the processor reads its settings from the directory
