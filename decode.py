@@ -41,6 +41,7 @@ It returns what `write_cot` returns (ids, mask, State after), token for token, s
 import torch
 from transformers import StaticCache
 
+import lora
 from model import TWN, State
 
 MODES = ("eager", "reduce-overhead", "graph")
@@ -59,10 +60,15 @@ class FastDecoder:
     tokens and are dropped; extra slots stay masked.
     """
 
-    def __init__(self, twn: TWN, mode="eager", check_every=8):
+    def __init__(self, twn: TWN, mode="eager", check_every=8, fuse=True):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: choose from {MODES}")
         self.twn, self.mode = twn, mode
+        # fuse: decode on a copy of the weights with the reason adapter folded in (lora.LoRALinear.fuse),
+        # refreshed at every call: one GEMM per layer and step instead of three plus casts. Costs one more
+        # copy of the LM's projection weights; in bf16 the folded weights round differently from the live
+        # adapter, so a greedy token can differ where two logits are within bf16 rounding.
+        self.fuse = fuse
         self.check_every = check_every  # all rows done? costs a host sync, so ask every few steps
         self.cache, self.rows, self.slots, self.graph = None, 0, 0, None
         # dynamic=False: one compiled step per capacity, and capacities change rarely
@@ -72,13 +78,17 @@ class FastDecoder:
     def forward(self, tok, pos, mask):
         """(R, L) token ids, (3, R, L) positions, (R, capacity) mask -> (R, V) fp32 logits of the last token.
 
-        Writes the tokens' KV at the cache's current slot and advances it. Called with the reason adapter on.
+        Writes the tokens' KV at the cache's current slot and advances it. Called under `self.reasoning()`.
         """
         twn = self.twn
         embeds = twn.token_embeds(tok).to(twn.lm.dtype)
         out = twn.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
                      use_cache=True)
         return twn.backbone.lm_head(out.last_hidden_state[:, -1]).float()
+
+    def reasoning(self):
+        """The reason adapter on, live or through its fused copy."""
+        return self.twn.adapters.use("reason", fused=self.fuse)
 
     def reserve(self, rows, slots, like):
         """Make sure the cache holds `rows` x `slots`; `like` is one layer's (k, v) for dtype, heads and device."""
@@ -107,7 +117,7 @@ class FastDecoder:
             return self.logits
         if self.mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed
-        with self.twn.adapters.use("reason"):
+        with self.reasoning():
             return self.step_fn(self.tok, self.pos, self.mask)
 
     def record(self):
@@ -119,12 +129,12 @@ class FastDecoder:
         slot = [layer.cumulative_length.clone() for layer in self.cache.layers]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), self.twn.adapters.use("reason"):
+        with torch.cuda.stream(side), self.reasoning():
             for _ in range(2):  # the first call compiles
                 self.step_fn(self.tok, self.pos, self.mask)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), self.twn.adapters.use("reason"):
+        with torch.cuda.graph(self.graph), self.reasoning():
             self.logits = self.step_fn(self.tok, self.pos, self.mask)  # a buffer every replay rewrites
         for layer, s in zip(self.cache.layers, slot):
             layer.cumulative_length.copy_(s)
@@ -136,6 +146,8 @@ class FastDecoder:
         B, T0 = enc.mask.shape
         P = twn.think_ids.numel()
         start = T0 + P  # slot of CoT token 0
+        if self.fuse:
+            lora.fuse(twn.backbone, "reason")  # in place: the adapter may have trained since the last call (RL)
         self.reserve(B, start + max_new_tokens, enc.kv[0])
         R, dev = self.rows, enc.mask.device
 
@@ -155,7 +167,7 @@ class FastDecoder:
         # --- the think prompt: P tokens at once, eager (a different shape from the step's)
         prompt = twn.think_ids[None].expand(R, -1)
         pos = (next_pos[:, None] + torch.arange(P, device=dev)).expand(3, R, P)
-        with twn.adapters.use("reason"):
+        with self.reasoning():
             logits = self.forward(prompt, pos, mask)
         next_pos += P
 

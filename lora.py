@@ -16,6 +16,9 @@ Usage:
         out = model(...)          # every wrapped layer adds the embed adapter's update
     with switch.use(None):
         out = model(...)          # adapters off: the plain backbone
+    fuse(model, "reason")         # decoding: a copy of each weight with the adapter folded in ...
+    with switch.use("reason", fused=True):
+        out = model(...)          # ... one GEMM per layer instead of three (no gradient: inference only)
 
 Files: `save_adapter` writes `<name>.safetensors` + `<name>.json` (our layout); `export_peft` writes
 `adapter_model.safetensors` + `adapter_config.json` with PEFT's key names, so `peft` can load an adapter.
@@ -29,6 +32,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -55,16 +59,18 @@ class AdapterSwitch:
     def __init__(self, names):
         self.names = tuple(names)
         self.active = None  # None: adapters off, the plain base model
+        self.fused = False  # True: layers read their fused copy of the active adapter (LoRALinear.fuse)
 
     @contextlib.contextmanager
-    def use(self, name):
+    def use(self, name, fused=False):
         if name is not None and name not in self.names:
             raise KeyError(f"unknown adapter {name!r}; this model has {self.names}")
-        previous, self.active = self.active, name
+        previous = self.active, self.fused
+        self.active, self.fused = name, fused and name is not None
         try:
             yield
         finally:
-            self.active = previous
+            self.active, self.fused = previous
 
 
 # -----------------------------------------------------------------------------
@@ -79,7 +85,8 @@ class LoRALinear(nn.Module):
         self.switch = switch
         self.scaling = cfg.scaling
         self.merged = None  # name of the adapter folded into base_layer.weight, if any
-        # adapters are trained in fp32 even when the backbone is bf16 (see forward)
+        self.fused = {}  # adapter name -> a copy of base_layer.weight with that adapter folded in (see fuse)
+        # adapters are kept and trained in fp32 even when the backbone is bf16 (see forward)
         kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)
         self.lora_A = nn.ModuleDict({n: nn.Linear(base.in_features, cfg.r, **kw) for n in switch.names})
         self.lora_B = nn.ModuleDict({n: nn.Linear(cfg.r, base.out_features, **kw) for n in switch.names})
@@ -102,14 +109,37 @@ class LoRALinear(nn.Module):
         name = self.switch.active
         if self.merged is not None and name != self.merged:
             raise RuntimeError(f"adapter {self.merged!r} is merged into the base weight; unmerge it before using {name!r}")
+        if self.switch.fused:
+            if torch.is_grad_enabled() and self.lora_A[name].weight.requires_grad:
+                raise RuntimeError(f"the fused copy of adapter {name!r} passes no gradient to it: use it under no_grad")
+            return F.linear(x, self.fused[name], self.base_layer.bias)
         y = self.base_layer(x)
         if name is None or name == self.merged:
             return y
-        A, B = self.lora_A[name], self.lora_B[name]
-        # subtle: the adapter computes in its own dtype (fp32) and the update is cast back to the
-        # activations' dtype, so a bf16 backbone keeps bf16 activations while the adapter trains in fp32
-        update = B(A(self.lora_dropout[name](x.to(A.weight.dtype)))) * self.scaling
-        return y + update.to(y.dtype)
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        # subtle: the weights are fp32 but the update is computed in the activations' dtype (bf16 on a bf16
+        # backbone, as autocast would), and added to y inside the second GEMM (addmm's beta * y): the
+        # full-width update is never written out on its own, which in fp32 cost four passes over y per call
+        h = F.linear(self.lora_dropout[name](x.to(y.dtype)), A.to(y.dtype))  # (..., r)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.to(y.dtype).t(), alpha=self.scaling)
+        return out.view(y.shape)
+
+    @torch.no_grad()
+    def fuse(self, name):
+        """(Re)write the fused copy of adapter `name`: W + (alpha / r) B A in W's dtype, beside W.
+
+        For decoding, where one adapter runs for many steps: one GEMM per layer instead of three and the casts
+        between them. It costs a second copy of the wrapped weights' memory and passes no gradient; it is
+        rewritten in place, so a CUDA graph that reads it stays valid after the adapter trains (RL).
+        """
+        w = self.base_layer.weight
+        fused = (w.float() + self.delta_weight(name)).to(w.dtype)
+        if name in self.fused and self.fused[name].shape == w.shape:
+            self.fused[name].copy_(fused)
+        else:
+            # a fixed address, like a parameter's: CUDA graphs (torch.compile's too) read it in place, never copy it in
+            torch._dynamo.mark_static_address(fused)
+            self.fused[name] = fused
 
     @torch.no_grad()
     def merge(self, name):
@@ -170,6 +200,12 @@ def merge(model: nn.Module, name: str):
 def unmerge(model: nn.Module):
     for _, layer in lora_layers(model):
         layer.unmerge()
+
+
+def fuse(model: nn.Module, name: str):
+    """Refresh every layer's fused copy of adapter `name` (used under `switch.use(name, fused=True)`)."""
+    for _, layer in lora_layers(model):
+        layer.fuse(name)
 
 
 # -----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ What that saves depends on what a thought costs, so this measures it, side by si
       [input, CoT, K query tokens] with the embed adapter (the vision tower and the input run twice);
   (b) twn: the input is encoded once; the no-think embedding reads its KV; the CoT continues from it
       (reference loop `TWN.write_cot`, and `decode.FastDecoder`: a static cache, eager, and on CUDA
-      also as one CUDA graph recorded by hand and under torch.compile's "reduce-overhead");
+      also as one CUDA graph per token; each with the reason adapter live and fused into a weight copy);
       adaptive inference decodes only the rows the gate routes to thinking.
 
 Rows: queries/s (a batch's queries over its wall time), decode tok/s (CoT tokens over the decode alone;
@@ -162,10 +162,13 @@ def decode_only(decoder, key, n=N):
     cot[key] = (decoder or twn.write_cot)(enc, n)[0]
 
 
-decoders = {"reference loop": None, "static cache, eager": decode.FastDecoder(twn)}
+# "live": the reason adapter's two GEMMs run beside every projection; fused: a copy of the weights with it folded in
+decoders = {"reference loop": None, "static cache, eager, fused": decode.FastDecoder(twn)}
+if not cuda:  # on a GPU an eager decode of the 2B model takes seconds per batch: the graphs show the same split
+    decoders["static cache, eager, LoRA live"] = decode.FastDecoder(twn, fuse=False)
 if cuda and not args.no_compile:
-    decoders["static cache, CUDA graph"] = decode.FastDecoder(twn, mode="graph")
-    decoders["static cache, reduce-overhead"] = decode.FastDecoder(twn, mode="reduce-overhead")
+    decoders["CUDA graph, LoRA live"] = decode.FastDecoder(twn, mode="graph", fuse=False)
+    decoders["CUDA graph, fused"] = decode.FastDecoder(twn, mode="graph")
 t_decode, t_think = {}, {}
 for name, dec in decoders.items():
     if dec is not None:

@@ -50,6 +50,15 @@ def test_sampled_equals_write_cot_with_the_same_generator(model_type):
     assert not torch.equal(other[0], fast[0])  # the seed matters: it is really sampling
 
 
+def test_the_fused_decoder_follows_an_adapter_that_trained_between_calls():
+    twn, enc = setup("qwen2_vl", seed=4)
+    fused, live = decode.FastDecoder(twn), decode.FastDecoder(twn, fuse=False)
+    assert torch.equal(fused(enc, 12)[0], twn.write_cot(enc, 12)[0])
+    randomize_adapters(twn, seed=9)  # an RL step changed the reason adapter: the next call must see it
+    ref = twn.write_cot(enc, 12)[0]
+    assert torch.equal(fused(enc, 12)[0], ref) and torch.equal(live(enc, 12)[0], ref)
+
+
 def test_rows_stop_at_eos_independently():
     twn, enc = setup("qwen2_vl")
     twn.eos_id = 12  # an ordinary word, sampled now and then at temperature 2: rows end at different steps

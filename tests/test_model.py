@@ -47,6 +47,33 @@ def test_lora_merged_equals_unmerged_and_adapters_differ():
         torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
 
 
+def test_fused_copy_equals_the_live_adapter_follows_it_and_refuses_gradients():
+    switch = lora.AdapterSwitch(["reason", "embed"])
+    layer = lora.LoRALinear(torch.nn.Linear(16, 8), switch, lora.LoRAConfig(r=4, alpha=8))
+    torch.nn.init.normal_(layer.lora_B["reason"].weight)
+    x = torch.randn(3, 5, 16)
+    layer.fuse("reason")
+    with torch.no_grad():
+        with switch.use("reason"):
+            live = layer(x)
+        with switch.use("reason", fused=True):
+            torch.testing.assert_close(layer(x), live, rtol=1e-5, atol=1e-5)
+        copy = layer.fused["reason"]
+        layer.lora_B["reason"].weight.mul_(-1)  # the adapter trains (RL): a stale copy is now wrong ...
+        with switch.use("reason"):
+            live = layer(x)
+        with switch.use("reason", fused=True):
+            assert not torch.allclose(layer(x), live, atol=1e-3)
+        layer.fuse("reason")  # ... until it is refreshed, in place (a CUDA graph keeps reading the same memory)
+        assert layer.fused["reason"] is copy
+        with switch.use("reason", fused=True):
+            torch.testing.assert_close(layer(x), live, rtol=1e-5, atol=1e-5)
+    with switch.use("reason", fused=True), pytest.raises(RuntimeError, match="no gradient"):
+        layer(x)  # training through the copy would silently train nothing
+    with switch.use("embed"):
+        assert layer(x).requires_grad  # the other adapter is live as before
+
+
 def test_inject_fails_loudly_on_a_target_that_matches_nothing():
     with pytest.raises(ValueError, match="c_attn"):
         lora.inject(tiny_backbone(), cfg=lora.LoRAConfig(targets=("q_proj", "c_attn")))
