@@ -25,8 +25,10 @@ So the step can be compiled once and recorded once as a CUDA graph. Modes:
     "graph"            the torch.compile'd step recorded by hand as one torch.cuda.CUDAGraph: a token is
                        one replay (CUDA only; the graph keeps the first call's autocast setting)
 
-On an H200 (Qwen2-VL-2B, batch 32, bf16) both graph modes decode ~4.7k tok/s, eager and the reference
-loop ~0.8k (README, "Speed"; bench/infer.py measures it).
+By default the step reads a copy of the weights with the reason adapter folded in (`lora.fuse`, refreshed
+at every call): one GEMM per projection instead of three. On an H100 (Qwen2-VL-2B, batch 32, bf16) the
+graph decodes 6.3k tok/s fused and 4.0k with the adapter live; the reference loop ~0.6k (README, "Speed";
+bench/infer.py measures it).
 
 Sampling stays outside the graph and draws as `write_cot` does, so the same generator gives the same
 tokens (it may draw a few more times after the last row ends: "all done?" is asked every few steps).

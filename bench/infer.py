@@ -44,6 +44,7 @@ parser.add_argument("--think-rate", type=lambda x: [float(r) for r in x.split(",
 parser.add_argument("--r", type=int, default=32, help="LoRA rank of each adapter (model.py's default)")
 parser.add_argument("--iters", type=int, default=3, help="timed runs per row (median)")
 parser.add_argument("--no-compile", action="store_true", help="CUDA: skip the compiled decoders (CUDA graphs)")
+parser.add_argument("--nothink-only", action="store_true", help="stop after the no-think rows (a quick look at the LoRA's cost)")
 parser.add_argument("--out-dir", default=os.path.join(common.ROOT, "bench", "results"), help="where the JSON goes")
 args = parser.parse_args()
 
@@ -123,6 +124,10 @@ lora.merge(backbone, "embed")  # pure no-think serving: the embed adapter folded
 t_merged = row("twn no-think, embed merged", twn_nothink)
 lora.unmerge(backbone)
 save()
+if args.nothink_only:
+    ratios = dict(nothink_vs_hf_forward=t_hf / t_nothink, nothink_merged_vs_hf_forward=t_hf / t_merged)
+    print("".join(f"  {k:<36}{v:10.3f}\n" for k, v in ratios.items()) + f"wrote {save(ratios=ratios)}")
+    raise SystemExit
 
 # -----------------------------------------------------------------------------
 # always think
