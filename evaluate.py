@@ -437,11 +437,11 @@ def fit_gate(twn, proc, rt, pairs, out_dir, n=2000, budget=None, batch_size=64, 
     """Self-supervised gate labels from the model's own CoTs, a class-balanced fit, a held-out threshold.
 
     Each of n training queries ranks its positive among the global cache of every distinct training
-    target, without and with its own greedy CoT; a win is a strictly better rank (gate.win_labels).
+    target, without and with its own greedy CoT; a win is a miss that thinking turns into a hit (gate.win_labels).
     """
     g = torch.Generator().manual_seed(seed)
     chosen = [pairs[i] for i in torch.randperm(len(pairs), generator=g)[:n].tolist()]
-    emb = Embedder(twn, proc, rt, batch_size, max_cot_tokens)
+    emb = Embedder(twn, proc, rt, batch_size, max_cot_tokens, decoder=fast_decoder(twn, rt.device))
     keys, col, cache = global_cache(emb, pairs)
     outs = emb.queries([p.query for p in chosen], ["nothink", "think"])
     pos = torch.tensor([col[(p.pos.text, p.pos.image)] for p in chosen])
@@ -467,6 +467,12 @@ def fit_gate(twn, proc, rt, pairs, out_dir, n=2000, budget=None, batch_size=64, 
     if rt.master:
         gate_lib.save(gate, out_dir, info)
     return gate, info
+
+
+def fast_decoder(twn, device):
+    """decode.FastDecoder: one CUDA graph per token on a GPU, eager on a CPU (where folding the reason
+    adapter into the weights alone makes it ~1.5x the reference loop: README, "Speed")."""
+    return FastDecoder(twn, mode="graph" if device.type == "cuda" else "eager")
 
 
 def describe(item):
@@ -523,9 +529,9 @@ def main(argv=None):
     g.add_argument("--max-cot-tokens", type=int, default=96, help="longest CoT the reason adapter may write")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument("--threshold", type=float, default=None, help="override the gate's saved threshold (0: always think, 1: never)")
-    g.add_argument("--fast-decode", choices=["auto", "on", "off"], default="auto",
+    g.add_argument("--fast-decode", choices=["on", "off"], default="on",
                    help="write CoTs with decode.FastDecoder (static cache; on CUDA one CUDA graph per token) instead "
-                        "of the reference loop TWN.write_cot; auto: on for CUDA")
+                        "of the reference loop TWN.write_cot (the same tokens in fp32)")
     g.add_argument("--merge-embed", action="store_true", help="--modes nothink only: fold the embed adapter into the "
                    "backbone's weights, so no forward pays for LoRA (bench/infer.py measures the difference)")
     g = parser.add_argument_group("output")
@@ -568,9 +574,7 @@ def main(argv=None):
             gate.threshold.fill_(args.threshold)
     if args.sweep and not {"nothink", "think"} <= set(modes):
         raise SystemExit("--sweep needs --modes with nothink and think (it replays the gate over both)")
-    decoder = None
-    if args.fast_decode == "on" or (args.fast_decode == "auto" and rt.device.type == "cuda"):
-        decoder = FastDecoder(twn, mode="graph" if rt.device.type == "cuda" else "eager")
+    decoder = None if args.fast_decode == "off" else fast_decoder(twn, rt.device)
     emb = Embedder(twn, proc, rt, args.batch_size, args.max_cot_tokens, gate, decoder)
 
     out_dir = args.out or os.path.join(args.model, "eval")

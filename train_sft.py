@@ -66,7 +66,7 @@ g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip 
 g.add_argument("--max-bad-steps", type=int, default=5, help="a step with a NaN/inf loss or gradient is skipped; "
                "this many in a row stop the run")
 g = parser.add_argument_group("think gate (fitted after training on the model's own CoTs)")
-g.add_argument("--gate-queries", type=int, default=2000, help="training queries labelled win/lose for the gate (0: no gate)")
+g.add_argument("--gate-queries", type=int, default=4000, help="training queries labelled win/lose for the gate (0: no gate)")
 g.add_argument("--think-budget", type=float, default=None, help="think on this fraction of inputs (default: the "
                "threshold with the best held-out score)")
 g.add_argument("--gate-only", action="store_true", help="only (re)fit the gate of the model already in --out")

@@ -23,7 +23,10 @@ def test_win_labels_on_a_hand_built_case():
     r0, r1 = gate_lib.ranks(s0, pos), gate_lib.ranks(s1, pos)
     assert r0.tolist() == [0, 2, 1] and r1.tolist() == [0, 0, 1]
     assert gate_lib.win_labels(r0, r1).tolist() == [0.0, 1.0, 0.0]
-    assert gate_lib.win_labels(r0, r1, margin=2).tolist() == [0.0, 0.0, 0.0]  # 2 places is not more than 2
+    # below the top, moving up is not a win: place 5 -> 2 stays a miss at top 1, becomes a hit at top 3
+    far0, far1 = torch.tensor([5, 5, 1]), torch.tensor([2, 5, 0])
+    assert gate_lib.win_labels(far0, far1).tolist() == [0.0, 0.0, 1.0]
+    assert gate_lib.win_labels(far0, far1, top=3).tolist() == [1.0, 0.0, 1.0]
 
 
 def test_gate_fits_a_separable_problem():
