@@ -17,7 +17,7 @@ a miss into a hit:
 
 Only the first `top` places count because that is what the scores count (hit@1; NDCG@5 would take
 top = 5), while the cache holds thousands of targets: a positive that moves from place 40 to 25 is
-still a miss, and calling it a win taught the gate noise (README, "The gate's labels": the gate's
+still a miss, and calling it a win taught the gate noise (README, "The gate": the gate's
 ranking of the eval queries went from AUC 0.73 to 0.80). Ties are losses on purpose: a CoT that leaves
 the answer where it was only costs tokens.
 Thresholds: the default thinks least among the thresholds whose held-out *score* (hit@1 of the
@@ -122,7 +122,7 @@ def pick_threshold(probs, hit0, hit1, budget=None):
     "As well as" is a paired comparison on the same held-out queries: against the best threshold, the
     cheaper one loses w queries and wins l; if thinking less changed nothing but noise, w - l would be a
     sum of w + l fair coin flips, with standard deviation sqrt(w + l). A threshold is kept when
-    w - l <= sqrt(w + l): held-out sets are a few hundred queries, and a query or two is not a reason to
+    w - l <= sqrt(w + l): held-out sets are a thousand or so queries, and a query or two is not a reason to
     think more (the one-standard-error rule of model selection, applied to thinking).
     """
     if budget is not None:
