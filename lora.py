@@ -132,10 +132,13 @@ class LoRALinear(nn.Module):
         between them. It costs a second copy of the wrapped weights' memory and passes no gradient; it is
         rewritten in place, so a CUDA graph that reads it stays valid after the adapter trains (RL).
         """
+        if self.merged is not None:
+            raise RuntimeError(f"adapter {self.merged!r} is merged into the base weight; unmerge it before fusing {name!r}")
         w = self.base_layer.weight
         fused = (w.float() + self.delta_weight(name)).to(w.dtype)
-        if name in self.fused and self.fused[name].shape == w.shape:
-            self.fused[name].copy_(fused)
+        old = self.fused.get(name)
+        if old is not None and (old.shape, old.dtype, old.device) == (w.shape, w.dtype, w.device):
+            old.copy_(fused)
         else:
             # a fixed address, like a parameter's: CUDA graphs (torch.compile's too) read it in place, never copy it in
             torch._dynamo.mark_static_address(fused)

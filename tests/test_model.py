@@ -72,6 +72,13 @@ def test_fused_copy_equals_the_live_adapter_follows_it_and_refuses_gradients():
         layer(x)  # training through the copy would silently train nothing
     with switch.use("embed"):
         assert layer(x).requires_grad  # the other adapter is live as before
+    layer.double()  # the model moved (dtype here; a device alike): the copy follows it, not stays behind
+    layer.fuse("reason")
+    with torch.no_grad(), switch.use("reason", fused=True):
+        assert layer(x.double()).dtype == torch.float64
+    layer.merge("embed")
+    with pytest.raises(RuntimeError, match="merged"):
+        layer.fuse("reason")  # a copy of W + embed's update + reason's update would be neither adapter
 
 
 def test_inject_fails_loudly_on_a_target_that_matches_nothing():
