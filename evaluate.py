@@ -433,7 +433,8 @@ def global_cache(emb, pairs):
     return targets, {k: j for j, k in enumerate(keys)}, emb.targets(targets)
 
 
-def fit_gate(twn, proc, rt, pairs, out_dir, n=4000, budget=None, batch_size=64, max_cot_tokens=96, held_out=0.35, seed=0):
+def fit_gate(twn, proc, rt, pairs, out_dir, n=4000, budget=None, batch_size=64, max_cot_tokens=96, held_out=0.35, seed=0,
+             decoder=None):
     """Self-supervised gate labels from the model's own CoTs, a class-balanced fit, a held-out threshold.
 
     A third of the queries are held out for the threshold: it is picked by a sign test whose noise
@@ -442,10 +443,11 @@ def fit_gate(twn, proc, rt, pairs, out_dir, n=4000, budget=None, batch_size=64, 
 
     Each of n training queries ranks its positive among the global cache of every distinct training
     target, without and with its own greedy CoT; a win is a miss that thinking turns into a hit (gate.win_labels).
+    decoder: the caller's FastDecoder to reuse (its cache and CUDA graph); None makes one.
     """
     g = torch.Generator().manual_seed(seed)
     chosen = [pairs[i] for i in torch.randperm(len(pairs), generator=g)[:n].tolist()]
-    emb = Embedder(twn, proc, rt, batch_size, max_cot_tokens, decoder=fast_decoder(twn, rt.device))
+    emb = Embedder(twn, proc, rt, batch_size, max_cot_tokens, decoder=decoder or fast_decoder(twn, rt.device))
     keys, col, cache = global_cache(emb, pairs)
     outs = emb.queries([p.query for p in chosen], ["nothink", "think"])
     pos = torch.tensor([col[(p.pos.text, p.pos.image)] for p in chosen])
