@@ -7,6 +7,7 @@ from a seed, in MMEB-V2's on-disk formats, with numpy, pillow and pyarrow only (
 
     python -m data.world --out data/world --seed 0        # 10-20 s on 2 cores (the time is printed)
     python data/world.py --out /tmp/w --train-scenes 200  # a small one
+    python -m data.world --out data/world-lazy --lazy-teacher 0.6   # an imperfect teacher, to test RL
     >>> summary = generate("data/world", seed=0)          # what the main job calls
 
 The world. A 112x112 image is a 4x4 grid of 28 px cells, one Qwen2-VL LLM token per cell (14 px
@@ -676,10 +677,24 @@ def write_jsonl(lines, path):
         f.writelines(json.dumps(line) + "\n" for line in lines)
 
 
-def generate(out_dir, seed=0, train_scenes=9000, eval_queries=200, n_candidates=10):
-    """Write the world under out_dir (its own subfolders are replaced) and return world.json's summary."""
+def lazy(cot_text):
+    """The teacher skipping its steps: the look and the answer, without the hops between them.
+
+    `b1 blue square . the square is at b1 . b1 is blue . answer : blue` -> `b1 blue square . answer : blue`.
+    The answer stays right; what is lost is the worked lookup a small student needs to get it right."""
+    steps = cot_text.split(" . ")
+    return " . ".join([steps[0], steps[-1]]) if len(steps) > 2 else cot_text
+
+
+def generate(out_dir, seed=0, train_scenes=9000, eval_queries=200, n_candidates=10, lazy_teacher=0.0):
+    """Write the world under out_dir (its own subfolders are replaced) and return world.json's summary.
+
+    lazy_teacher: the fraction of train rows whose CoT skips its hops (`lazy`), an imperfect teacher for
+    testing RL (train_rl.py); the images, queries, eval files and pretraining text do not change."""
     if not 10 <= n_candidates <= len(KINDS):
         raise ValueError(f"n_candidates must be 10..{len(KINDS)} (Ground shows {len(KINDS)} kinds), got {n_candidates}")
+    if not 0 <= lazy_teacher <= 1:
+        raise ValueError(f"lazy_teacher is a fraction of train rows, 0..1, got {lazy_teacher}")
     start = time.perf_counter()
     out = Path(out_dir)
     for part in ("images", "crops", "eval", "train"):
@@ -711,10 +726,15 @@ def generate(out_dir, seed=0, train_scenes=9000, eval_queries=200, n_candidates=
             lines += pretrain_lines(difficulty, query, image)
         counts["train"][task] = {d: sum(r["task"] == task and r["difficulty"] == d for r in rows) for d in DIFFICULTIES}
     rows = shuffled(tr.rng, rows)
+    skip = np.random.default_rng([seed, 1, 2, 3]).random(len(rows)) < lazy_teacher  # its own stream: rows stay put
+    lazy_rows = sum(bool(s) and lazy(r["cot"]) != r["cot"] for r, s in zip(rows, skip))
+    rows = [dict(r, cot=lazy(r["cot"])) if s else r for r, s in zip(rows, skip)]
     pq.write_table(pa.Table.from_pylist(rows, schema=TRAIN_SCHEMA), out / "train" / "train.parquet")
     lines = describe_lines(tr) + lines
     write_jsonl(lines, out / "pretrain.jsonl")
     summary = dict(seed=seed, train_scenes=train_scenes, eval_queries=eval_queries, n_candidates=n_candidates,
+                   lazy_teacher=lazy_teacher,
+                   lazy_rows=int(lazy_rows),
                    tasks=list(TASKS), meta_tasks={n: t.meta for n, t in TASKS.items()}, vocabulary=vocabulary(), counts=counts,
                    images={s.name: s.n_images for s in (tr, ev)},
                    crops={s.name: len(s.described) - s.n_images for s in (tr, ev)}, pretrain_lines=len(lines),
@@ -732,8 +752,10 @@ if __name__ == "__main__":
     parser.add_argument("--train-scenes", type=int, default=9000, help="train scenes, one train query each")
     parser.add_argument("--eval-queries", type=int, default=200, help="eval queries per task, half easy, half hard")
     parser.add_argument("--candidates", type=int, default=10, help="candidates per eval query, gold first (>= 10)")
+    parser.add_argument("--lazy-teacher", type=float, default=0.0, help="fraction of train CoTs that skip their "
+                        "hops (an imperfect teacher, for the RL experiment); 0: every CoT worked out")
     args = parser.parse_args()
-    s = generate(args.out, args.seed, args.train_scenes, args.eval_queries, args.candidates)
+    s = generate(args.out, args.seed, args.train_scenes, args.eval_queries, args.candidates, args.lazy_teacher)
     print(f"wrote {args.out}: {sum(sum(c.values()) for c in s['counts']['train'].values())} train rows, "
           f"{sum(sum(c.values()) for c in s['counts']['eval'].values())} eval queries, "
           f"{s['images']['train'] + s['images']['eval']} images, {s['crops']['train'] + s['crops']['eval']} crops, "

@@ -308,3 +308,23 @@ def test_reading_drills_give_the_listing_and_ask_for_the_hops():
     forbidden = {listing(r) for r in rows}
     again = [world.reading_drill(np.random.default_rng(0), forbidden) for _ in range(20)]
     assert all(listing(r) not in forbidden for r in again)
+
+
+def test_a_lazy_teacher_skips_the_hops_of_train_cots_and_changes_nothing_else(out, tmp_path):
+    world.generate(tmp_path / "lazy", seed=0, **SMALL, lazy_teacher=0.5)
+    before, after = file_hashes(out), file_hashes(tmp_path / "lazy")
+    changed = sorted(k for k in before if before[k] != after.get(k)) + sorted(set(after) - set(before))
+    assert changed == ["train/train.parquet"]  # images, eval and pretraining text untouched (world.json: not hashed)
+    exact, lazy = train_rows(out), train_rows(tmp_path / "lazy")
+    assert [{**r, "cot": ""} for r in exact] == [{**r, "cot": ""} for r in lazy]
+    skipped = [(e["cot"], s["cot"]) for e, s in zip(exact, lazy) if e["cot"] != s["cot"]]
+    has_hops = sum(len(r["cot"].split(" . ")) > 2 for r in exact)
+    assert 0.3 * has_hops < len(skipped) < 0.7 * has_hops
+    assert json.loads((tmp_path / "lazy" / "world.json").read_text())["lazy_rows"] == len(skipped)
+    for e, s in skipped:  # the look and the (right) answer survive, the hops between them do not
+        steps = e.split(" . ")
+        assert s == f"{steps[0]} . {steps[-1]}" and len(steps) > 2
+    assert world.lazy("b1 blue square . the square is at b1 . b1 is blue . answer : blue") == \
+        "b1 blue square . answer : blue"
+    with pytest.raises(ValueError, match="lazy_teacher"):
+        world.generate(tmp_path / "bad", lazy_teacher=1.5)
