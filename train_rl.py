@@ -29,7 +29,7 @@ Simplifications relative to full GRPO (numbered, as nanochat does):
   4. the group baseline is the mean of the other samples *including* the sample itself;
   5. advantages are not divided by the group's standard deviation (as nanochat).
 
-    python train_rl.py                                    # mini world, from runs/sft, ~1.5 min on 2 cores
+    python train_rl.py                                    # mini world, from runs/sft: ~1.5 min on 2 cores, then the gate refit
     torchrun --nproc_per_node=8 train_rl.py --init runs/twn-2b --data /data/MMEB-train --out runs/twn-2b-rl
 
 Resumes from --out by itself; at the end refits the gate (the CoTs changed, so did the win/lose labels).

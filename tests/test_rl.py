@@ -64,17 +64,17 @@ def test_the_reward_ranks_a_cot_naming_the_right_answer_above_one_naming_a_wrong
     from data.world import COLOURS
 
     from data import world
-    small_world = str(tmp_path / "world")  # enough rows that the embedder cannot memorise the inputs
-    world.generate(small_world, seed=0, train_scenes=3000, eval_queries=32)
+    world_dir = str(tmp_path / "world")  # enough rows that the embedder cannot memorise the inputs
+    world.generate(world_dir, seed=0, train_scenes=3000, eval_queries=32)
     init = tmp_path / "sft"
-    sft(small_world, os.path.join(ROOT, "data", "tiny-qwen2vl"), init, "--steps", STEPS, "--batch-size", 16)
+    sft(world_dir, os.path.join(ROOT, "data", "tiny-qwen2vl"), init, "--steps", STEPS, "--batch-size", 16)
     proc = Processor.from_pretrained(os.path.join(ROOT, "data", "tiny-qwen2vl"))
     twn = twn_model.from_pretrained(os.path.join(ROOT, "data", "tiny-qwen2vl"), twn_model.read_config(init),
                                     tokenizer=proc.tokenizer, device=torch.device("cpu"))
     twn.load(init)
     twn.eval()
-    path = os.path.join(small_world, "eval", "ColorVQA.parquet")
-    queries, rows = load_image_task(path, small_world), pq.read_table(path).to_pylist()
+    path = os.path.join(world_dir, "eval", "ColorVQA.parquet")
+    queries, rows = load_image_task(path, world_dir), pq.read_table(path).to_pylist()
     margins = []
     with torch.no_grad():
         for q, row in zip(queries, rows):
