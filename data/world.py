@@ -727,14 +727,14 @@ def generate(out_dir, seed=0, train_scenes=9000, eval_queries=200, n_candidates=
         counts["train"][task] = {d: sum(r["task"] == task and r["difficulty"] == d for r in rows) for d in DIFFICULTIES}
     rows = shuffled(tr.rng, rows)
     skip = np.random.default_rng([seed, 1, 2, 3]).random(len(rows)) < lazy_teacher  # its own stream: rows stay put
-    lazy_rows = sum(bool(s) and lazy(r["cot"]) != r["cot"] for r, s in zip(rows, skip))
-    rows = [dict(r, cot=lazy(r["cot"])) if s else r for r, s in zip(rows, skip)]
+    cots = [lazy(r["cot"]) if s else r["cot"] for r, s in zip(rows, skip)]
+    lazy_rows = sum(c != r["cot"] for c, r in zip(cots, rows))
+    rows = [dict(r, cot=c) for r, c in zip(rows, cots)]
     pq.write_table(pa.Table.from_pylist(rows, schema=TRAIN_SCHEMA), out / "train" / "train.parquet")
     lines = describe_lines(tr) + lines
     write_jsonl(lines, out / "pretrain.jsonl")
     summary = dict(seed=seed, train_scenes=train_scenes, eval_queries=eval_queries, n_candidates=n_candidates,
-                   lazy_teacher=lazy_teacher,
-                   lazy_rows=int(lazy_rows),
+                   lazy_teacher=lazy_teacher, lazy_rows=lazy_rows,
                    tasks=list(TASKS), meta_tasks={n: t.meta for n, t in TASKS.items()}, vocabulary=vocabulary(), counts=counts,
                    images={s.name: s.n_images for s in (tr, ev)},
                    crops={s.name: len(s.described) - s.n_images for s in (tr, ev)}, pretrain_lines=len(lines),

@@ -60,10 +60,9 @@ def test_the_reward_ranks_a_cot_naming_the_right_answer_above_one_naming_a_wrong
     import model as twn_model
     import runtime
     from data.collate import Processor
-    from data.mmeb import load_image_task
-    from data.world import COLOURS
-
     from data import world
+    from data.mmeb import load_image_task
+
     world_dir = str(tmp_path / "world")  # enough rows that the embedder cannot memorise the inputs
     world.generate(world_dir, seed=0, train_scenes=3000, eval_queries=32)
     init = tmp_path / "sft"
@@ -79,7 +78,7 @@ def test_the_reward_ranks_a_cot_naming_the_right_answer_above_one_naming_a_wrong
     with torch.no_grad():
         for q, row in zip(queries, rows):
             cache = twn.embed_items(proc(q.candidates))  # gold first, then the other colours
-            wrong = next(c.text for c in q.candidates[1:] if c.text in COLOURS)
+            wrong = next(c.text for c in q.candidates[1:] if c.text in world.COLOURS)
             look, rest = row["cot"].split(" . ", 1)
             bad = f"{look} . " + " ".join(wrong if w == row["answer"] else w for w in rest.split())
             enc = twn.encode(proc([q.query, q.query]))
