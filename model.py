@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForImageTextToText, DynamicCache
 
 import lora
@@ -200,13 +201,13 @@ class TWN(nn.Module):
     def read_cot(self, past: State, cot_ids, cot_mask):
         """Teacher-force [think prompt, CoT] with the reason adapter after `past`.
 
-        Returns (B, L, V) fp32 logits, position t predicting CoT token t, and the State after the CoT.
+        Returns (B, L) log-probabilities of the CoT's tokens (0 at padding) and the State after the CoT.
         """
         seg_ids, seg_mask = self.think_segment(cot_ids, cot_mask)
         hidden, after = self.extend(past, self.token_embeds(seg_ids), seg_mask, "reason")
         P = self.think_ids.numel()
         # the last prompt token predicts CoT token 0, CoT token t predicts token t+1
-        return self.backbone.lm_head(hidden[:, P - 1:-1]).float(), after
+        return token_logprobs(self.backbone.lm_head, hidden[:, P - 1:-1], cot_ids, cot_mask), after
 
     # --- teacher-forced training forward (joint SFT) --------------------------------------------
 
@@ -222,10 +223,9 @@ class TWN(nn.Module):
         # --- the detach, boundary 1: the reason adapter reads the input's KV as a constant, so the CoT
         # loss cannot push the embed adapter (which produced KV_in) around
         past = enc.detached() if self.cfg.detach else enc
-        logits, after = self.read_cot(past, cot_ids, cot_mask)
-        nll = F.cross_entropy(logits.transpose(1, 2), cot_ids, reduction="none")  # (B, L)
+        logp, after = self.read_cot(past, cot_ids, cot_mask)
         # per-example mean over its own tokens, then over the batch: long CoTs don't outweigh short ones
-        cot_loss = ((nll * cot_mask).sum(1) / cot_mask.sum(1).clamp(min=1)).mean()
+        cot_loss = (-logp.sum(1) / cot_mask.sum(1).clamp(min=1)).mean()
 
         # --- the detach, boundary 2: the think embedding reads the CoT's KV as a constant, so the
         # contrastive loss cannot push the reason adapter (which produced KV_cot) around
@@ -303,6 +303,27 @@ class TWN(nn.Module):
             raise ValueError(f"{out_dir}: queries have shape {tuple(q.shape)}, the model wants {tuple(self.queries.shape)}")
         with torch.no_grad():
             self.queries.copy_(q)
+
+
+def token_logprobs(head: nn.Module, hidden, ids, mask, chunk=1024):
+    """log p(ids | hidden) under the LM head, (B, L), 0 where mask is 0.
+
+    Only the real tokens go through the head, `chunk` at a time, each chunk checkpointed: a real
+    vocabulary has 152k words, so the fp32 logits of 4,096 CoT tokens would be 2.5 GB, and softmax's
+    backward would keep another copy; here one chunk's logits exist at a time, forward and backward.
+    """
+    rows = mask.flatten().nonzero().squeeze(1)
+    h, t = hidden.flatten(0, 1)[rows], ids.flatten()[rows]
+
+    def logp(h, t):
+        logits = head(h).float()
+        return logits.gather(1, t[:, None]).squeeze(1) - logits.logsumexp(-1)
+
+    grad = torch.is_grad_enabled() and h.requires_grad
+    out = [checkpoint(logp, h[i:i + chunk], t[i:i + chunk], use_reentrant=False) if grad
+           else logp(h[i:i + chunk], t[i:i + chunk]) for i in range(0, len(rows), chunk)]
+    flat = hidden.new_zeros(ids.numel(), dtype=torch.float32)
+    return flat.index_put((rows,), torch.cat(out)).view(ids.shape) if out else flat.view(ids.shape)
 
 
 def read_config(out_dir) -> TWNConfig:

@@ -145,8 +145,7 @@ def rewards(e1, pos, finished):
 
 def token_logprobs(enc, ids, mask):
     """(B, L) log-probability of each sampled CoT token under the current reason adapter."""
-    logits, _ = twn.read_cot(enc, ids, mask)
-    return torch.log_softmax(logits, -1).gather(2, ids[..., None]).squeeze(-1)
+    return twn.read_cot(enc, ids, mask)[0]
 
 
 @contextlib.contextmanager

@@ -198,6 +198,22 @@ def test_detach_keeps_each_loss_on_its_own_adapter(detach):
     assert reason_grad and embed_grad == (not detach)
 
 
+def test_chunked_cot_logprobs_equal_a_full_log_softmax_in_value_and_gradient():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(3, 7, 16, requires_grad=True)
+    ids = torch.randint(0, 50, (3, 7))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])
+    ref = torch.log_softmax(head(hidden), -1).gather(2, ids[..., None]).squeeze(-1) * mask
+    got = twn_model.token_logprobs(head, hidden, ids, mask, chunk=5)  # 13 real tokens: chunks of 5, 5, 3
+    torch.testing.assert_close(got, ref)
+    assert (got[mask == 0] == 0).all()
+    g_ref = torch.autograd.grad(ref.sum(), [hidden, head.weight])
+    g_got = torch.autograd.grad(got.sum(), [hidden, head.weight])
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b)
+
+
 def test_only_lora_and_queries_are_trainable():
     twn = tiny_twn()
     randomize_adapters(twn)
