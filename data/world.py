@@ -115,6 +115,7 @@ KINDS = [(c, s) for c in COLOURS for s in SHAPES]
 RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}  # (d row, d col)
 INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 DIFFICULTIES = ("easy", "hard")
+EASY_VQA_OBJECTS = 3  # an easy VQA scene holds 1..this many objects (`python -m data.world --easy-vqa-objects`)
 IMAGE = "<|image_1|>"  # MMEB's image placeholder; a special token, not a word of the vocabulary
 
 TARGET_IMAGE = "represent the given image"
@@ -343,7 +344,7 @@ def count_cls(rng, difficulty, n, n_cand):
 def color_vqa(rng, difficulty, colour, n_cand):
     if difficulty == "easy":
         shape = pick(rng, SHAPES)
-        rest = random_kinds(rng, int(rng.integers(0, 3)), lambda k: k[1] != shape)
+        rest = random_kinds(rng, int(rng.integers(0, EASY_VQA_OBJECTS)), lambda k: k[1] != shape)
         scene = scene_of(scatter(rng, [(colour, shape)] + rest))
         (ref,) = find(scene, shape=shape)
         question, steps = f"what colour is the {shape} ?", [f"the {shape} is at {ref.cell}", say(ref, "colour")]
@@ -358,7 +359,7 @@ def color_vqa(rng, difficulty, colour, n_cand):
 def shape_vqa(rng, difficulty, shape, n_cand):
     if difficulty == "easy":
         colour = pick(rng, COLOURS)
-        rest = random_kinds(rng, int(rng.integers(0, 3)), lambda k: k[0] != colour)
+        rest = random_kinds(rng, int(rng.integers(0, EASY_VQA_OBJECTS)), lambda k: k[0] != colour)
         scene = scene_of(scatter(rng, [(colour, shape)] + rest))
         (ref,) = find(scene, colour=colour)
         question = f"what shape is the {colour} object ?"
@@ -379,7 +380,7 @@ def where_vqa(rng, difficulty, cell, n_cand):
     if difficulty == "easy":
         ref = Obj(cell, *random_kind(rng))
         colour, shape = ref.colour, ref.shape
-        rest = random_kinds(rng, int(rng.integers(0, 3)), lambda k: k[0] != colour and k[1] != shape)
+        rest = random_kinds(rng, int(rng.integers(0, EASY_VQA_OBJECTS)), lambda k: k[0] != colour and k[1] != shape)
         scene = scene_of([ref] + scatter(rng, rest, taken=[ref]))
         question, steps = f"where is the {colour} {shape} ?", [f"the {colour} {shape} is at {cell}"]
     else:
@@ -752,9 +753,12 @@ if __name__ == "__main__":
     parser.add_argument("--train-scenes", type=int, default=9000, help="train scenes, one train query each")
     parser.add_argument("--eval-queries", type=int, default=200, help="eval queries per task, half easy, half hard")
     parser.add_argument("--candidates", type=int, default=10, help="candidates per eval query, gold first (>= 10)")
+    parser.add_argument("--easy-vqa-objects", type=int, default=EASY_VQA_OBJECTS, help="most objects in an easy "
+                        "VQA scene (1: the asked object alone)")
     parser.add_argument("--lazy-teacher", type=float, default=0.0, help="fraction of train CoTs that skip their "
                         "hops (an imperfect teacher, for the RL experiment); 0: every CoT worked out")
     args = parser.parse_args()
+    EASY_VQA_OBJECTS = args.easy_vqa_objects
     s = generate(args.out, args.seed, args.train_scenes, args.eval_queries, args.candidates, args.lazy_teacher)
     print(f"wrote {args.out}: {sum(sum(c.values()) for c in s['counts']['train'].values())} train rows, "
           f"{sum(sum(c.values()) for c in s['counts']['eval'].values())} eval queries, "

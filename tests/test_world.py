@@ -254,6 +254,17 @@ def test_easy_scenes_are_simple_and_hard_ones_crowded(out):
             assert n <= 3 if row["difficulty"] == "easy" else n >= 3
 
 
+def test_easy_vqa_objects_sets_the_crowd_of_easy_vqa_scenes_only(out, tmp_path, monkeypatch):
+    monkeypatch.setattr(world, "EASY_VQA_OBJECTS", 1)
+    world.generate(tmp_path / "alone", seed=0, **SMALL)
+    for task in ("ColorVQA", "ShapeVQA", "WhereVQA"):
+        counts = {d: [len(world.parse_caption(r["scene"])) for r in read(tmp_path / "alone", task) if r["difficulty"] == d]
+                  for d in ("easy", "hard")}
+        assert set(counts["easy"]) == {1} and min(counts["hard"]) >= 3
+        assert max(len(world.parse_caption(r["scene"])) for r in read(out, task) if r["difficulty"] == "easy") > 1
+    assert read(tmp_path / "alone", "Ground") == read(out, "Ground")
+
+
 def test_answers_are_balanced(out):
     for task, values in [("ColorCLS", world.COLOURS), ("ColorVQA", world.COLOURS), ("ShapeVQA", world.SHAPES)]:
         for difficulty in world.DIFFICULTIES:
