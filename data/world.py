@@ -20,43 +20,45 @@ A worked example: row 2 of eval/ColorVQA.parquet with seed 0 (the first hard que
 first easy one).
 
          1             2              3              4
-    a    blue cross    .              .              .
-    b    white cross   purple cross   .              .
-    c    .             .              .              orange square
-    d    orange cross  .              purple square  red triangle
+    a    .             .              .              .
+    b    .             .              cyan circle    purple square
+    c    .             .              red triangle   .
+    d    red circle    .              .              .
 
     hard  qry_text  <|image_1|> represent the given image with the following question : what colour is
-                    the object left of the purple cross ?
-          gold      white   (candidates: the other 7 colours, then 2 words of other answer types)
-          cot       a1 blue cross , b1 white cross , b2 purple cross , c4 orange square , d1 orange cross ,
-                    d3 purple square , d4 red triangle . the purple cross is at b2 . left of b2 is b1 .
-                    b1 is white . answer : white
-    easy  qry_text  <|image_1|> ... question : what colour is the square ?   (its own scene: one object)
+                    the object above the red triangle ?
+          gold      cyan    (candidates: the other 7 colours, then 2 words of other answer types)
+          cot       b3 cyan circle , b4 purple square , c3 red triangle , d1 red circle . the red triangle
+                    is at c3 . above c3 is b3 . b3 is cyan . answer : cyan
+    easy  qry_text  <|image_1|> ... question : what colour is the cross ?   (its own scene: one object)
           gold      blue
-          cot       b1 blue square . the square is at b1 . b1 is blue . answer : blue
+          cot       b2 blue cross . the cross is at b2 . b2 is blue . answer : blue
 
 Every CoT first lists the objects (the look: the canonical caption), then makes each hop a short copy
 step, then names the answer (`answer : X`). Relations mean the directly adjacent cell ("left of c3" is
-c2). Easy VQA and grounding scenes hold 1-3 objects, hard ones 3-8 with lures that share an attribute
-with the object asked about: an easy query is answered by one look at a simple image, a hard one by
-finding an anchor among look-alikes and hopping from it.
+c2). An easy VQA scene holds the asked object alone (`--easy-vqa-objects`), an easy grounding scene 1-3
+objects, hard ones 3-8 with lures that share an attribute with the object asked about: an easy query is
+answered by one look at a simple image, a hard one by finding an anchor among look-alikes and hopping
+from it. Why one object: a one-pass embedding of 2-3 objects often binds the asked colour to another
+object's shape or cell (no-think easy WhereVQA was right on 35/35 one-object scenes, 20/29 with two,
+18/36 with three), and binding is what the CoT's listing does; an easy query should not need it.
 
 The 8 tasks (each query tagged easy or hard, half each; the intended answer is drawn balanced first,
 then a scene is built around it, so guessing stays at chance):
   ColorCLS  image -> most common colour. easy: one colour; hard: 5-7 objects, 2-3 colours, the winner
             only one ahead of the runner-up.
   CountCLS  image -> number word. easy: 1-3 objects; hard: 5-8 (4 is left out to keep the two apart).
-  ColorVQA  easy "what colour is the circle ?" (the only circle, 1-3 objects); hard "what colour is
-            the object left of the blue triangle ?" (anchor unique by colour+shape, and another object
-            shares one of its attributes, so naming it takes both words).
-  ShapeVQA  easy "what shape is the red object ?" (1-3 objects); hard: a relation as above, or "what
-            shape is the object with the same colour as the triangle ?" (exactly one other object has
-            that colour).
-  WhereVQA  -> cell name. easy "where is the red circle ?" (the only red and the only circle, 1-3
-            objects); hard "where is the object with the same colour as the square ?".
+  ColorVQA  easy "what colour is the circle ?" (the circle alone); hard "what colour is the object left
+            of the blue triangle ?" (anchor unique by colour+shape, and another object shares one of its
+            attributes, so naming it takes both words).
+  ShapeVQA  easy "what shape is the red object ?" (alone); hard: a relation as above, or "what shape is
+            the object with the same colour as the triangle ?" (exactly one other object has that colour).
+  WhereVQA  -> cell name. easy "where is the red circle ?" (alone); hard "where is the object with the
+            same colour as the square ?".
   I2T       image -> caption. easy: 2-3 objects, distractors are other scenes' captions; hard: 5-7
             objects, distractors are the gold caption with one colour, shape or cell changed.
-  T2I       text -> image. easy "an image with a red circle" (no distractor has one); hard "an image
+  T2I       text -> image. easy "an image with a red circle" among 1-2 others (no other object, in it or in
+            a distractor, is red or a circle: one attribute finds it, no binding); hard "an image
             with a red circle left of a blue square" (distractors hold both, never in that relation).
   Ground    image + phrase -> 56 px crop of a cell. easy "the red circle" (1-3 objects); hard "the
             object left of the red circle". Every candidate crop shows a different colour+shape.
@@ -115,7 +117,7 @@ KINDS = [(c, s) for c in COLOURS for s in SHAPES]
 RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}  # (d row, d col)
 INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 DIFFICULTIES = ("easy", "hard")
-EASY_VQA_OBJECTS = 3  # an easy VQA scene holds 1..this many objects (`python -m data.world --easy-vqa-objects`)
+EASY_VQA_OBJECTS = 1  # an easy VQA scene holds 1..this many objects (`python -m data.world --easy-vqa-objects`)
 IMAGE = "<|image_1|>"  # MMEB's image placeholder; a special token, not a word of the vocabulary
 
 TARGET_IMAGE = "represent the given image"
@@ -405,8 +407,10 @@ def t2i(rng, difficulty, kind, n_cand):
     """A text-only query; its CoT and answer can only restate what the image must show."""
     name = f"{kind[0]} {kind[1]}"
     if difficulty == "easy":
-        gold = scene_of(scatter(rng, [kind] + random_kinds(rng, int(rng.integers(2, 7)), lambda k: k != kind)))
-        without = lambda: scene_of(scatter(rng, random_kinds(rng, int(rng.integers(3, 8)), lambda k: k != kind)))
+        # the only one of its colour and of its shape, and no distractor has either: one look suffices
+        unlike = lambda k: k[0] != kind[0] and k[1] != kind[1]
+        gold = scene_of(scatter(rng, [kind] + random_kinds(rng, int(rng.integers(1, 3)), unlike)))
+        without = lambda: scene_of(scatter(rng, random_kinds(rng, int(rng.integers(2, 4)), unlike)))
         negatives = distinct(without, n_cand - 1, exclude=[gold])
         text, answer, steps = f"an image with a {name}", name, [name]
     else:

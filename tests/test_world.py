@@ -248,21 +248,32 @@ def test_cot_lists_then_names_the_gold_answer(out):
 
 
 def test_easy_scenes_are_simple_and_hard_ones_crowded(out):
-    for task in ("ColorVQA", "ShapeVQA", "WhereVQA", "Ground"):
+    for task, most in (("ColorVQA", 1), ("ShapeVQA", 1), ("WhereVQA", 1), ("Ground", 3)):
         for row in read(out, task):
             n = len(world.parse_caption(row["scene"]))
-            assert n <= 3 if row["difficulty"] == "easy" else n >= 3
+            assert n <= most if row["difficulty"] == "easy" else n >= 3
+
+
+def test_easy_t2i_needs_one_attribute_not_a_binding():
+    """An easy T2I gold is the only image with anything of its colour or its shape: no binding to do."""
+    rng = np.random.default_rng(0)
+    for kind in world.KINDS:
+        query = world.t2i(rng, "easy", kind, 10)
+        gold, *negatives = [c.scene for c in query.candidates]
+        assert [(o.colour, o.shape) for o in gold if o.colour == kind[0] or o.shape == kind[1]] == [kind]
+        assert all(o.colour != kind[0] and o.shape != kind[1] for scene in negatives for o in scene)
+        assert {len(s) for s in [gold] + negatives} <= {2, 3}
 
 
 def test_easy_vqa_objects_sets_the_crowd_of_easy_vqa_scenes_only(out, tmp_path, monkeypatch):
-    monkeypatch.setattr(world, "EASY_VQA_OBJECTS", 1)
-    world.generate(tmp_path / "alone", seed=0, **SMALL)
+    monkeypatch.setattr(world, "EASY_VQA_OBJECTS", 3)
+    world.generate(tmp_path / "crowd", seed=0, **SMALL)
     for task in ("ColorVQA", "ShapeVQA", "WhereVQA"):
-        counts = {d: [len(world.parse_caption(r["scene"])) for r in read(tmp_path / "alone", task) if r["difficulty"] == d]
+        counts = {d: [len(world.parse_caption(r["scene"])) for r in read(tmp_path / "crowd", task) if r["difficulty"] == d]
                   for d in ("easy", "hard")}
-        assert set(counts["easy"]) == {1} and min(counts["hard"]) >= 3
-        assert max(len(world.parse_caption(r["scene"])) for r in read(out, task) if r["difficulty"] == "easy") > 1
-    assert read(tmp_path / "alone", "Ground") == read(out, "Ground")
+        assert set(counts["easy"]) == {1, 2, 3} and min(counts["hard"]) >= 3
+        assert {len(world.parse_caption(r["scene"])) for r in read(out, task) if r["difficulty"] == "easy"} == {1}
+    assert read(tmp_path / "crowd", "Ground") == read(out, "Ground")
 
 
 def test_answers_are_balanced(out):
