@@ -739,7 +739,7 @@ def generate(out_dir, seed=0, train_scenes=9000, eval_queries=200, n_candidates=
     lines = describe_lines(tr) + lines
     write_jsonl(lines, out / "pretrain.jsonl")
     summary = dict(seed=seed, train_scenes=train_scenes, eval_queries=eval_queries, n_candidates=n_candidates,
-                   lazy_teacher=lazy_teacher, lazy_rows=lazy_rows,
+                   easy_vqa_objects=EASY_VQA_OBJECTS, lazy_teacher=lazy_teacher, lazy_rows=lazy_rows,
                    tasks=list(TASKS), meta_tasks={n: t.meta for n, t in TASKS.items()}, vocabulary=vocabulary(), counts=counts,
                    images={s.name: s.n_images for s in (tr, ev)},
                    crops={s.name: len(s.described) - s.n_images for s in (tr, ev)}, pretrain_lines=len(lines),
