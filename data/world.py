@@ -650,7 +650,7 @@ def pretrain_lines(difficulty, query, image):
                  difficulty=difficulty)]
 
 
-def reading_drill(rng, forbidden=frozenset(), hard=0.75, easy_vqa_objects=3):
+def reading_drill(rng, forbidden=frozenset()):
     """A text-only pretraining row that drills the lookups every VQA and grounding CoT makes.
 
     The question, ` think :` and the CoT's listing are given; the hops and the answer are to be written:
@@ -660,21 +660,13 @@ def reading_drill(rng, forbidden=frozenset(), hard=0.75, easy_vqa_objects=3):
     does not get that from the world's 9,000 training scenes (its lookup step stayed near chance:
     `data.backbone.lookup_accuracy`), so it reads fresh random scenes, as many as it needs. No image: it
     learns to *read* here, and to see from the image rows. A scene in `forbidden` (eval's) is drawn again.
-    `hard` of the drills are hard questions (the multi-hop lookups are the ones still missed), and an easy
-    VQA drill reads among 1..`easy_vqa_objects` objects whatever the world's `EASY_VQA_OBJECTS`: with the
-    asked object alone there is nothing to look up among.
     """
-    global EASY_VQA_OBJECTS
-    world_setting, EASY_VQA_OBJECTS = EASY_VQA_OBJECTS, easy_vqa_objects  # the makers read the module's
-    try:
-        while True:
-            task = TASKS[pick(rng, ["ColorVQA", "ShapeVQA", "WhereVQA", "Ground"])]
-            difficulty = "hard" if rng.random() < hard else "easy"
-            query = task.make(rng, difficulty, pick(rng, task.goals[difficulty]), 10)
-            if caption(query.scene) not in forbidden:
-                break
-    finally:
-        EASY_VQA_OBJECTS = world_setting
+    while True:
+        task = TASKS[pick(rng, ["ColorVQA", "ShapeVQA", "WhereVQA", "Ground"])]
+        difficulty = pick(rng, DIFFICULTIES)
+        query = task.make(rng, difficulty, pick(rng, task.goals[difficulty]), 10)
+        if caption(query.scene) not in forbidden:
+            break
     look, hops = query.cot.split(" . ", 1)
     return dict(image=None, prompt=f"{query.prompt} think : {look} .", completion=hops, kind="read",
                 difficulty=difficulty)
