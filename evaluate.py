@@ -434,7 +434,7 @@ def global_cache(emb, pairs):
 
 
 def fit_gate(twn, proc, rt, pairs, out_dir, n=4000, budget=None, batch_size=64, max_cot_tokens=96, held_out=0.35, seed=0,
-             decoder=None):
+             decoder=None, cache=None):
     """Self-supervised gate labels from the model's own CoTs, a class-balanced fit, a held-out threshold.
 
     A third of the queries are held out for the threshold: it is picked by a sign test whose noise
@@ -444,11 +444,13 @@ def fit_gate(twn, proc, rt, pairs, out_dir, n=4000, budget=None, batch_size=64, 
     Each of n training queries ranks its positive among the global cache of every distinct training
     target, without and with its own greedy CoT; a win is a miss that thinking turns into a hit (gate.win_labels).
     decoder: the caller's FastDecoder to reuse (its cache and CUDA graph); None makes one.
+    cache: the caller's `global_cache(...)` result, when the embed side has not moved since it was made
+    (train_rl.py's, checked stationary); None embeds every training target again.
     """
     g = torch.Generator().manual_seed(seed)
     chosen = [pairs[i] for i in torch.randperm(len(pairs), generator=g)[:n].tolist()]
     emb = Embedder(twn, proc, rt, batch_size, max_cot_tokens, decoder=decoder or fast_decoder(twn, rt.device))
-    keys, col, cache = global_cache(emb, pairs)
+    keys, col, cache = cache or global_cache(emb, pairs)
     outs = emb.queries([p.query for p in chosen], ["nothink", "think"])
     pos = torch.tensor([col[(p.pos.text, p.pos.image)] for p in chosen])
     rank0 = gate_lib.ranks(torch.stack([o["nothink"] for o in outs]) @ cache.T, pos)
@@ -465,6 +467,7 @@ def fit_gate(twn, proc, rt, pairs, out_dir, n=4000, budget=None, batch_size=64, 
     difficulty = [p.meta.get("difficulty") for p in chosen]
     info = dict(
         queries=len(chosen), cache=len(keys), win_rate=labels.mean().item(), budget=budget,
+        mean_rank=dict(nothink=rank0.float().mean().item(), think=rank1.float().mean().item()),  # 0: first of the cache
         win_rate_by_difficulty={d: labels[[i for i, x in enumerate(difficulty) if x == d]].mean().item()
                                 for d in sorted(set(difficulty) - {None})},
         held_out=dict(n=len(hit0), nothink=hit0.mean().item(), think=hit1.mean().item(),

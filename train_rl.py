@@ -270,7 +270,8 @@ if rt.master:
     twn.save(args.out, extra={"sft": saved.get("sft", {}), "rl": vars(args), "steps": step})
 if args.gate_queries:
     _, info = fit_gate(twn, proc, rt, pairs, args.out, n=args.gate_queries, budget=args.think_budget,
-                       max_cot_tokens=args.max_cot_tokens, seed=args.seed, decoder=decoder)
+                       max_cot_tokens=args.max_cot_tokens, seed=args.seed, decoder=decoder,
+                       cache=(keys, column, cache.cpu()))  # the embed side is frozen: the reward's cache is the gate's
     if rt.master:
         h = info["held_out"]
         print(f"gate refit: thinking helped {100 * info['win_rate']:.0f}% of queries; held-out hit@1 no-think "

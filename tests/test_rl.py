@@ -1,5 +1,6 @@
 """train_rl.py as a user runs it: only the reason adapter moves, the reward environment stays put, resume."""
 
+import json
 import os
 import subprocess
 import sys
@@ -27,14 +28,30 @@ def rl(world, init, out, *extra, wait=True):
 def test_rl_moves_only_the_reason_adapter_and_keeps_the_cache_valid(small_world, small_backbone, tmp_path):
     init = tmp_path / "sft"
     sft(small_world, small_backbone, init, "--steps", 2)
-    log = rl(small_world, init, tmp_path / "rl", "--steps", 3, "--lr", "1e-2")
-    assert "stationary reward" in log and "reward" in log
+    log = rl(small_world, init, tmp_path / "rl", "--steps", 3, "--lr", "1e-2", "--gate-queries", 24)
+    assert "stationary reward" in log and "reward" in log and "gate refit" in log
     before, after = adapters(init), adapters(tmp_path / "rl")
     for k in before:
         if k.startswith("reasoning/"):
             continue
         assert torch.equal(before[k], after[k]), f"{k} moved during RL"
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("reasoning/"))
+    # the gate refit reused the reward's cache: embedding every training target afresh ranks alike
+    import model as twn_model
+    import runtime
+    from data.collate import Processor
+    from evaluate import fit_gate
+    proc = Processor.from_pretrained(small_backbone)
+    pairs, _ = runtime.load_pairs(runtime.training_files(small_world), small_world, proc, "fail")
+    twn = twn_model.from_pretrained(small_backbone, twn_model.read_config(tmp_path / "rl"), tokenizer=proc.tokenizer,
+                                    device=torch.device("cpu"))
+    twn.load(tmp_path / "rl")
+    twn.eval()
+    rt = runtime.setup("cpu")
+    _, fresh = fit_gate(twn, proc, rt, pairs, tmp_path / "fresh", n=24, max_cot_tokens=6, seed=0)
+    refit = json.loads((tmp_path / "rl" / "gate.json").read_text())
+    assert fresh["mean_rank"]["think"] > 0  # ranks to compare: a cache in another order would move them
+    assert {k: refit[k] for k in fresh} == json.loads(json.dumps(fresh))
 
 
 def test_rl_sigkill_then_resume_equals_an_uninterrupted_run(small_world, small_backbone, tmp_path):
