@@ -53,8 +53,8 @@ then a scene is built around it, so guessing stays at chance):
             attributes, so naming it takes both words).
   ShapeVQA  easy "what shape is the red object ?" (alone); hard: a relation as above, or "what shape is
             the object with the same colour as the triangle ?" (exactly one other object has that colour).
-  WhereVQA  -> cell name. easy "where is the red circle ?" (alone); hard "where is the object with the
-            same colour as the square ?".
+  WhereVQA  -> cell name. easy "where is the red circle ?" (alone); hard "where is the object left of
+            the blue triangle ?" (a relation as above; its CoT ends at the referent's cell).
   I2T       image -> caption. easy: 2-3 objects, distractors are other scenes' captions; hard: 5-7
             objects, distractors are the gold caption with one colour, shape or cell changed.
   T2I       text -> image. easy "an image with a red circle" among 1-2 others (no other object, in it or in
@@ -83,8 +83,8 @@ Text candidates come from small answer vocabularies (8 colours, 4 shapes, 8 numb
 is the gold, the other words of its type, then random words of the other types, so every query has
 `n_candidates` distinct candidates (for ShapeVQA 6 of 10 are words of other types, easy to reject).
 
-Train and eval draw from separate random streams; eval is drawn first (so it does not depend on
---train-scenes) and train rejects any scene graph eval uses. Each train row is one scene built for its
+Train and eval draw from separate random streams, one per task; eval is drawn first (so it does not
+depend on --train-scenes) and train rejects any scene graph eval uses. Each train row is one scene built for its
 query (plus, for T2I, one negative image), so --train-scenes is also the number of train rows.
 """
 
@@ -204,28 +204,32 @@ def neighbour(cell, relation):
     return ROWS[r] + COLS[c] if 0 <= r < len(ROWS) and 0 <= c < len(COLS) else None
 
 
-def related(rng, colour=None, shape=None):
+def related(rng, colour=None, shape=None, ref_cell=None):
     """A 4-7 object scene with an anchor unique by colour+shape and a referent in the cell `relation` it.
 
-    The referent gets the given colour / shape. A lure shares the anchor's colour or its shape, so
-    finding the anchor takes both words of its name."""
+    The referent gets the given colour / shape / cell. A lure shares the anchor's colour or its shape,
+    so finding the anchor takes both words of its name."""
     while True:
         anchor = random_kind(rng)
         target = (colour or pick(rng, COLOURS), shape or pick(rng, SHAPES))
         if target != anchor:
             break
-    relation = pick(rng, list(RELATIONS))
-    cell = pick(rng, [c for c in CELLS if neighbour(c, relation)])
+    if ref_cell:  # the anchor sits where the inverse relation leads from the referent's cell
+        relation = pick(rng, [r for r in RELATIONS if neighbour(ref_cell, INVERSE[r])])
+        cell = neighbour(ref_cell, INVERSE[relation])
+    else:
+        relation = pick(rng, list(RELATIONS))
+        cell = pick(rng, [c for c in CELLS if neighbour(c, relation)])
     fixed = [Obj(cell, *anchor), Obj(neighbour(cell, relation), *target)]
     lure = random_kind(rng, lambda k: k != anchor and (k[0] == anchor[0] or k[1] == anchor[1]))
     rest = [lure] + random_kinds(rng, int(rng.integers(1, 5)), lambda k: k != anchor)
     return scene_of(fixed + scatter(rng, rest, taken=fixed)), fixed[0], relation, fixed[1]
 
 
-def same_colour(rng, shape=None, cell=None):
+def same_colour(rng, shape=None):
     """A 3-7 object scene whose only `key.shape` shares its colour with exactly one other object, `ref`."""
     colour = pick(rng, COLOURS)
-    ref = Obj(cell or pick(rng, CELLS), colour, shape or pick(rng, SHAPES))
+    ref = Obj(pick(rng, CELLS), colour, shape or pick(rng, SHAPES))
     key = scatter(rng, [(colour, pick(rng, [s for s in SHAPES if s != ref.shape]))], taken=[ref])[0]
     rest = random_kinds(rng, int(rng.integers(1, 6)), lambda k: k[0] != colour and k[1] != key.shape)
     return scene_of([ref, key] + scatter(rng, rest, taken=[ref, key])), key, ref
@@ -268,9 +272,10 @@ def say(obj, what="colour shape"):
     return f"{obj.cell} is " + " ".join(getattr(obj, w) for w in what.split())
 
 
-def hop(anchor, relation, ref, what):
-    return [f"the {anchor.colour} {anchor.shape} is at {anchor.cell}", f"{relation} {anchor.cell} is {ref.cell}",
-            say(ref, what)]
+def hop(anchor, relation, ref, what=None):
+    """Find the anchor, step to the referent's cell, read what is asked there (nothing: the cell is the answer)."""
+    steps = [f"the {anchor.colour} {anchor.shape} is at {anchor.cell}", f"{relation} {anchor.cell} is {ref.cell}"]
+    return steps + [say(ref, what)] if what else steps
 
 
 def match(key, ref):
@@ -386,8 +391,9 @@ def where_vqa(rng, difficulty, cell, n_cand):
         scene = scene_of([ref] + scatter(rng, rest, taken=[ref]))
         question, steps = f"where is the {colour} {shape} ?", [f"the {colour} {shape} is at {cell}"]
     else:
-        scene, key, ref = same_colour(rng, cell=cell)
-        question, steps = f"where is the object with the same colour as the {key.shape} ?", match(key, ref)
+        scene, anchor, relation, ref = related(rng, ref_cell=cell)
+        question = f"where is the object {relation} the {anchor.colour} {anchor.shape} ?"
+        steps = hop(anchor, relation, ref)
     return Query(scene, question, question, cell, cot(caption(scene), *steps, answer=cell),
                  labels(rng, cell, n_cand))
 
@@ -552,8 +558,8 @@ class Split:
     """One side of the train/eval divide: its own random stream, the scenes it used, the files it wrote."""
 
     def __init__(self, name, out, seed, forbidden=frozenset()):
-        self.name, self.out, self.forbidden = name, out, forbidden
-        self.rng = np.random.default_rng([seed, STREAMS[name]])
+        self.name, self.out, self.seed, self.forbidden = name, out, seed, forbidden
+        self.rng = np.random.default_rng([seed, STREAMS[name]])  # the split's own draws (the train rows' order)
         self.captions = set()  # every scene graph this split has shown (query images and image candidates)
         self.described = []  # (path, what it shows) of every image and crop written: pretraining's `describe`
         self.n_images = 0
@@ -561,13 +567,15 @@ class Split:
             (out / part / name).mkdir(parents=True, exist_ok=True)
 
     def queries(self, task, n, n_cand):
-        """n queries of one task, half easy (the odd one out is easy) and half hard, answers balanced."""
-        spec = TASKS[task]
+        """n queries of one task, half easy (the odd one out is easy) and half hard, answers balanced.
+
+        Each task draws from its own stream, so changing how one task is made leaves the others as they were."""
+        spec, rng = TASKS[task], np.random.default_rng([self.seed, STREAMS[self.name], *task.encode()])
         for difficulty, k in zip(DIFFICULTIES, (n - n // 2, n // 2)):
-            for goal in balanced(self.rng, spec.goals[difficulty], k):
-                query = spec.make(self.rng, difficulty, goal, n_cand)
+            for goal in balanced(rng, spec.goals[difficulty], k):
+                query = spec.make(rng, difficulty, goal, n_cand)
                 while not self.admit(query):
-                    query = spec.make(self.rng, difficulty, goal, n_cand)
+                    query = spec.make(rng, difficulty, goal, n_cand)
                 yield difficulty, query
 
     def admit(self, query):
