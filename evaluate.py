@@ -401,7 +401,8 @@ def write_sweep(per_task, gate, out_dir):
     d.rectangle([pad, pad, W - pad, H - pad], outline="black")
     pts = sorted((xy(r, sc) for _, r, sc in rows))
     d.line(pts, fill="navy", width=2)
-    chosen = min(rows, key=lambda r: abs(r[0] - gate.threshold.item()))
+    # the grid point that thinks on exactly the queries the gate does (its threshold lies between grid points)
+    chosen = min((r for r in rows if r[0] >= gate.threshold.item()), key=lambda r: r[0], default=rows[-1])
     x, y = xy(chosen[1], chosen[2])
     d.ellipse([x - 5, y - 5, x + 5, y + 5], fill="red")
     d.text((pad, 15), f"score vs think rate (threshold {gate.threshold.item():.3g}: {100 * chosen[1]:.0f}% think, "
