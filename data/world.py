@@ -84,8 +84,8 @@ is the gold, the other words of its type, then random words of the other types, 
 `n_candidates` distinct candidates (for ShapeVQA 6 of 10 are words of other types, easy to reject).
 
 Train and eval draw from separate random streams, one per task; eval is drawn first (so it does not
-depend on --train-scenes) and train rejects any scene graph eval uses. Each train row is one scene built for its
-query (plus, for T2I, one negative image), so --train-scenes is also the number of train rows.
+depend on --train-scenes) and train rejects any scene graph eval uses. Each train row is one scene built
+for its query (plus, for T2I, one negative image), so --train-scenes is also the number of train rows.
 """
 
 import argparse
