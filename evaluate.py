@@ -16,10 +16,11 @@ embeddings are computed once per task (deduplicated) and shared by every mode. W
 `<out>/<mode>/<task>_score.json` (VLM2Vec's layout), `<out>/<task>_summary.json` and one `results.json`
 with everything.
 
-A killed run resumes task by task: a task whose files are already in --out (same settings) is reused,
-not redone (`--overwrite` redoes it). A bad row (unreadable image, empty text, broken schema) stops the
-run with its file, row and problem; `--on-error skip` leaves it out instead, counted in the table and
-listed with its problem in results.json (never scored as right or wrong).
+A killed run resumes task by task: a task whose files are already in --out is reused, not redone, when
+the flags, the model's files and the task's files are those it was scored with (`--overwrite` redoes
+it). A bad row (unreadable image, empty text, broken schema) stops the run with its file, row and
+problem; `--on-error skip` leaves it out instead, counted in the table and listed with its problem in
+results.json (never scored as right or wrong).
 """
 
 import argparse
@@ -507,6 +508,18 @@ def show_examples(task, rows, queries, modes, n):
         print()
 
 
+def stamp(*paths):
+    """{file: [size, modification time]} of every file at or under `paths` (missing ones left out): what
+    tells a saved result from a stale one. Retraining the model or regenerating a task file changes it."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            files += sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
+        elif os.path.exists(path):
+            files.append(path)
+    return {f: [os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files}
+
+
 def finished(out_dir, task, modes, settings):
     """The result an earlier run saved for `task` with the same settings, if it scored every mode in
     `modes` (VLM2Vec's resume: a score file per mode; our summary beside them holds the numbers)."""
@@ -556,7 +569,7 @@ def main(argv=None):
     g.add_argument("--sweep", action="store_true", help="write the score vs think-rate curve over gate thresholds "
                    "(CSV + PNG; redoes every task, it needs the per-query gate states)")
     g.add_argument("--overwrite", action="store_true", help="redo tasks already scored in --out with the same "
-                   "settings (by default they are reused, so a killed run resumes; redo after retraining the model)")
+                   "flags, model and task files (by default they are reused, so a killed run resumes)")
     args = parser.parse_args(argv)
 
     modes = [m for m in args.modes.split(",") if m]
@@ -593,10 +606,15 @@ def main(argv=None):
     emb = Embedder(twn, proc, rt, args.batch_size, args.max_cot_tokens, gate, decoder)
 
     out_dir = args.out or os.path.join(args.model, "eval")
-    # what a saved task result depends on besides the model: reused only when these match
-    settings = {k: getattr(args, k) for k in ("limit", "max_pixels", "max_cot_tokens", "threshold", "on_error")}
+    # what a saved task result depends on: these flags, the model's files and the task's own files (a
+    # task of the same name from another --data, or the model retrained, is scored again)
+    flags = {k: getattr(args, k) for k in ("limit", "max_pixels", "max_cot_tokens", "threshold", "on_error")}
+    model_files = stamp(*(os.path.join(args.model, f) for f in
+                          ("twn.json", "reasoning", "embedding", "gate.json", "gate.safetensors")))
     results, per_task = {}, {}
     for task in select(discover(args.data), args.task):
+        settings = {**flags, "backbone": backbone, "image_root": args.image_root or args.data,
+                    "model": model_files, "task": stamp(task.path)}
         done = None if args.overwrite or args.sweep else finished(out_dir, task, modes, settings)
         if done:
             if rt.master:

@@ -270,6 +270,20 @@ def save_checkpoint(out_dir, step, twn, opt, meta):
             shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
 
 
+def check_same_run(out_dir, meta, args, free):
+    """Resuming is only for the run that wrote the checkpoint: a rerun into the same --out with other data,
+    seed or recipe would silently continue (or, finished, keep) the old model. `free` names the flags that
+    do not change what is learned (logging, device, ...), which may differ."""
+    if meta is None:
+        return
+    saved, now = meta.get("args", {}), vars(args)
+    changed = [f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in sorted(saved.keys() & now.keys())
+               if k not in free and saved[k] != now[k]]
+    if changed:
+        raise SystemExit(f"{out_dir} holds a run with other settings ({'; '.join(changed)}): it would resume "
+                         f"that run. Pass another --out, or delete {out_dir} to start over.")
+
+
 def load_checkpoint(out_dir, twn, opt):
     """Restore the latest checkpoint in `out_dir`, if any; returns (step, meta) or (0, None)."""
     pointer = os.path.join(out_dir, "latest")

@@ -108,7 +108,9 @@ if args.compile:
     twn.backbone.model.language_model.compile()
 params = [p for p in twn.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-step, _ = runtime.load_checkpoint(args.out, twn, opt)
+step, meta = runtime.load_checkpoint(args.out, twn, opt)
+runtime.check_same_run(args.out, meta, args, free={"out", "on_error", "gate_queries", "think_budget", "gate_only",
+                                                    "device", "compile", "ckpt_every", "log_every", "max_bad_steps"})
 if args.gate_only:
     twn.load(args.out)  # the finished model, not a checkpoint
     step = args.steps

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import shutil
 import struct
 import subprocess
 import warnings
@@ -345,6 +346,27 @@ def test_evaluate_resumes_task_by_task_and_overwrite_redoes(small_world, model_d
     assert second["ColorVQA"] == first["ColorVQA"]
     assert second["ShapeVQA"]["all"]["nothink"] == first["ShapeVQA"]["all"]["nothink"]
     _, log = run_eval(capsys, model_dir, *common, "--overwrite")
+    assert "reusing" not in log
+
+
+def test_evaluate_never_reuses_a_result_of_other_data_or_another_model(small_world, small_backbone, model_dir, tmp_path, capsys):
+    """Same task name, same --out: a result is stale once the task file or the model's weights changed."""
+    model = str(shutil.copytree(model_dir, tmp_path / "model"))
+    data = tmp_path / "other"
+    (data / "eval").mkdir(parents=True)
+    rows = pq.read_table(os.path.join(small_world, "eval", "ColorVQA.parquet")).to_pylist()
+    pq.write_table(pa.Table.from_pylist(rows[3:6]), data / "eval" / "ColorVQA.parquet")
+    common = ["--out", tmp_path / "out", "--task", "ColorVQA", "--limit", 3]
+    run_eval(capsys, model, "--data", small_world, *common)
+    _, log = run_eval(capsys, model, "--data", small_world, *common)
+    assert "ColorVQA: scored before, reusing" in log  # nothing changed: reused
+    _, log = run_eval(capsys, model, "--data", data, "--image-root", small_world, *common)
+    assert "reusing" not in log  # another world's ColorVQA
+    _, log = run_eval(capsys, model, "--data", data, "--image-root", small_world, *common)
+    assert "ColorVQA: scored before, reusing" in log
+    twn = twn_model.from_pretrained(small_backbone, twn_model.read_config(model), device="cpu")
+    twn.save(model, extra={"sft": {"backbone": small_backbone}})  # weights rewritten: as if retrained
+    _, log = run_eval(capsys, model, "--data", data, "--image-root", small_world, *common)
     assert "reusing" not in log
 
 

@@ -88,6 +88,19 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(small_world, small_back
         assert torch.equal(a[k], b[k]), k
 
 
+def test_a_rerun_with_other_settings_is_refused_not_resumed(small_world, small_backbone, tmp_path):
+    out = tmp_path / "run"
+    sft(small_world, small_backbone, out, "--steps", 1)
+    before = adapters(out)
+    sft(small_world, small_backbone, out, "--steps", 1, "--log-every", 5)  # logging only: the same run, done
+    cmd = [sys.executable, "train_sft.py", "--data", small_world, "--backbone", small_backbone, "--out", out,
+           "--batch-size", "8", "--warmup", "2", "--gate-queries", "0", "--steps", "1", "--seed", "1"]
+    run = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0 and f"{out} holds a run with other settings (--seed 0 -> 1)" in run.stderr
+    after = adapters(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def evaluate(*args):
     return subprocess.run([sys.executable, "evaluate.py", *map(str, args)], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=600)
