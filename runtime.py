@@ -270,13 +270,11 @@ def save_checkpoint(out_dir, step, twn, opt, meta):
             shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
 
 
-def check_same_run(out_dir, meta, args, free):
+def check_same_run(out_dir, saved, args, free):
     """Resuming is only for the run that wrote the checkpoint: a rerun into the same --out with other data,
     seed or recipe would silently continue (or, finished, keep) the old model. `free` names the flags that
     do not change what is learned (logging, device, ...), which may differ."""
-    if meta is None:
-        return
-    saved, now = meta.get("args", {}), vars(args)
+    now = vars(args)
     changed = [f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in sorted(saved.keys() & now.keys())
                if k not in free and saved[k] != now[k]]
     if changed:
@@ -284,15 +282,20 @@ def check_same_run(out_dir, meta, args, free):
                          f"that run. Pass another --out, or delete {out_dir} to start over.")
 
 
-def load_checkpoint(out_dir, twn, opt):
-    """Restore the latest checkpoint in `out_dir`, if any; returns (step, meta) or (0, None)."""
+def load_checkpoint(out_dir, twn, opt, args=None, free=()):
+    """Restore the latest checkpoint in `out_dir`, if any; returns (step, meta) or (0, None).
+
+    args: this run's flags; a checkpoint written with others (outside `free`, see check_same_run) is
+    refused before anything is loaded."""
     pointer = os.path.join(out_dir, "latest")
     if not os.path.exists(pointer):
         return 0, None
     path = os.path.join(out_dir, open(pointer).read().strip())
-    twn.load(path)
     with open(os.path.join(path, "trainer.json")) as f:
         meta = json.load(f)
+    if args is not None:
+        check_same_run(out_dir, meta.get("args", {}), args, free)
+    twn.load(path)
     tensors = load_file(os.path.join(path, "optimizer.safetensors"))
     torch.set_rng_state(tensors.pop("rng.torch"))
     state = {}

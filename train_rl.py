@@ -109,10 +109,9 @@ for p in twn.trainable_parameters("embed"):
     p.requires_grad_(False)  # the embedding side is the reward environment: frozen, so the cache stays valid
 sft_reason = [p.detach().clone() for p in policy]  # the KL reference
 opt = torch.optim.AdamW(policy, lr=args.lr, weight_decay=0.0)
-step, meta = runtime.load_checkpoint(args.out, twn, opt)
-runtime.check_same_run(args.out, meta, args, free={"out", "on_error", "eval_every", "eval_limit", "eval_tasks",
-                                                    "gate_queries", "think_budget", "device", "ckpt_every",
-                                                    "log_every", "max_bad_steps"})
+step, _ = runtime.load_checkpoint(args.out, twn, opt, args,
+                                  free={"out", "on_error", "eval_every", "eval_limit", "eval_tasks", "gate_queries",
+                                        "think_budget", "device", "ckpt_every", "log_every", "max_bad_steps"})
 
 files = runtime.training_files(args.data)
 pairs, dropped = runtime.load_pairs(files, args.image_root or args.data, proc, args.on_error)

@@ -108,13 +108,13 @@ if args.compile:
     twn.backbone.model.language_model.compile()
 params = [p for p in twn.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-step, meta = runtime.load_checkpoint(args.out, twn, opt)
+# --gate-only only reads the finished model, whatever flags trained it; a training run resumes only its own run
+step, _ = runtime.load_checkpoint(args.out, twn, opt, None if args.gate_only else args,
+                                  free={"out", "on_error", "gate_queries", "think_budget", "device", "compile",
+                                        "ckpt_every", "log_every", "max_bad_steps"})
 if args.gate_only:
-    twn.load(args.out)  # the finished model, not a checkpoint: only read, whatever flags trained it
+    twn.load(args.out)  # the finished model, not a checkpoint
     step = args.steps
-else:
-    runtime.check_same_run(args.out, meta, args, free={"out", "on_error", "gate_queries", "think_budget", "device",
-                                                        "compile", "ckpt_every", "log_every", "max_bad_steps"})
 if rt.master:
     n = sum(p.numel() for p in params)
     print(f"TWN on {args.backbone}: {n / 1e6:.2f} M trainable ({n / sum(p.numel() for p in twn.backbone.parameters()) * 100:.1f} %), "

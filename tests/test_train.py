@@ -93,10 +93,9 @@ def test_a_rerun_with_other_settings_is_refused_not_resumed(small_world, small_b
     sft(small_world, small_backbone, out, "--steps", 1)
     before = adapters(out)
     sft(small_world, small_backbone, out, "--steps", 1, "--log-every", 5)  # logging only: the same run, done
-    cmd = [sys.executable, "train_sft.py", "--data", small_world, "--backbone", small_backbone, "--out", out,
-           "--batch-size", "8", "--warmup", "2", "--gate-queries", "0", "--steps", "1", "--seed", "1"]
-    run = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert run.returncode != 0 and f"{out} holds a run with other settings (--seed 0 -> 1)" in run.stderr
+    run = sft(small_world, small_backbone, out, "--steps", 1, "--seed", 1, wait=False)
+    log = run.communicate(timeout=600)[0]
+    assert run.returncode != 0 and f"{out} holds a run with other settings (--seed 0 -> 1)" in log
     after = adapters(out)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
