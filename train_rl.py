@@ -22,14 +22,14 @@ Per step, for each of B training queries:
 
 Simplifications relative to full GRPO (numbered, as nanochat does):
   1. the reference for rho is the policy that sampled (no separate old-policy copy): with --ppo-epochs 1
-     (the default) rho = 1 and the loss is REINFORCE with group-normalised advantages;
+     (the default) rho = 1 and the loss is REINFORCE with group-centred advantages;
   2. no KL penalty by default (--kl 0): the stationary reward cannot be hacked by drifting the embedder,
      and the CoT format is held by the format bonus;
   3. no value network, no GAE: one scalar reward per CoT, broadcast to its tokens;
-  4. the group baseline is the mean of the other samples *including* the sample itself;
+  4. the group baseline is the mean of all G samples, the sample itself included (not leave-one-out);
   5. advantages are not divided by the group's standard deviation (as nanochat).
 
-    python train_rl.py                                    # mini world, from runs/sft: ~1.5 min on 2 cores, then the gate refit
+    python train_rl.py                                    # mini world, from runs/sft: ~2.5 min on 2 cores, then the gate refit
     torchrun --nproc_per_node=8 train_rl.py --init runs/twn-2b --data /data/MMEB-train --out runs/twn-2b-rl
 
 Resumes from --out by itself; at the end refits the gate (the CoTs changed, so did the win/lose labels).
