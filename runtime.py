@@ -270,10 +270,15 @@ def save_checkpoint(out_dir, step, twn, opt, meta):
             shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
 
 
+# flags of both training scripts that do not change what is learned: a resumed run may change them
+FREE_FLAGS = frozenset({"out", "on_error", "gate_queries", "think_budget", "device", "ckpt_every", "log_every",
+                        "max_bad_steps"})
+
+
 def check_same_run(out_dir, saved, args, free):
     """Resuming is only for the run that wrote the checkpoint: a rerun into the same --out with other data,
     seed or recipe would silently continue (or, finished, keep) the old model. `free` names the flags that
-    do not change what is learned (logging, device, ...), which may differ."""
+    do not change what is learned (FREE_FLAGS and the script's own), which may differ."""
     now = vars(args)
     changed = [f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in sorted(saved.keys() & now.keys())
                if k not in free and saved[k] != now[k]]

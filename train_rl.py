@@ -110,8 +110,7 @@ for p in twn.trainable_parameters("embed"):
 sft_reason = [p.detach().clone() for p in policy]  # the KL reference
 opt = torch.optim.AdamW(policy, lr=args.lr, weight_decay=0.0)
 step, _ = runtime.load_checkpoint(args.out, twn, opt, args,
-                                  free={"out", "on_error", "eval_every", "eval_limit", "eval_tasks", "gate_queries",
-                                        "think_budget", "device", "ckpt_every", "log_every", "max_bad_steps"})
+                                  free=runtime.FREE_FLAGS | {"eval_every", "eval_limit", "eval_tasks"})
 
 files = runtime.training_files(args.data)
 pairs, dropped = runtime.load_pairs(files, args.image_root or args.data, proc, args.on_error)

@@ -110,8 +110,7 @@ params = [p for p in twn.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 # --gate-only only reads the finished model, whatever flags trained it; a training run resumes only its own run
 step, _ = runtime.load_checkpoint(args.out, twn, opt, None if args.gate_only else args,
-                                  free={"out", "on_error", "gate_queries", "think_budget", "device", "compile",
-                                        "ckpt_every", "log_every", "max_bad_steps"})
+                                  free=runtime.FREE_FLAGS | {"compile"})
 if args.gate_only:
     twn.load(args.out)  # the finished model, not a checkpoint
     step = args.steps
