@@ -402,7 +402,10 @@ def i2t(rng, difficulty, n, n_cand):
     scene = scene_of(scatter(rng, random_kinds(rng, n)))
     gold = caption(scene)
     if difficulty == "easy":
-        other = lambda: caption(scene_of(scatter(rng, random_kinds(rng, int(rng.integers(2, 4))))))
+        # no distractor has any of the image's colours: one look at a colour rules it out, as in easy T2I
+        colours = {o.colour for o in scene}
+        unlike = lambda k: k[0] not in colours
+        other = lambda: caption(scene_of(scatter(rng, random_kinds(rng, int(rng.integers(2, 4)), unlike))))
     else:
         other = lambda: caption(one_edit(rng, scene))
     return Query(scene, "", "what is in the image ?", gold, cot(gold, answer=gold),

@@ -265,6 +265,17 @@ def test_easy_t2i_needs_one_attribute_not_a_binding():
         assert {len(s) for s in [gold] + negatives} <= {2, 3}
 
 
+def test_easy_i2t_distractors_share_no_colour_with_the_image(out):
+    """Easy I2T: one look at any colour in the image rules every wrong caption out; hard ones differ by one edit."""
+    for row in read(out, "I2T"):
+        gold, *negatives = [objects(caption) for caption in row["tgt_text"]]
+        colours = {colour for colour, _ in gold.values()}
+        if row["difficulty"] == "easy":
+            assert all(colour not in colours for scene in negatives for colour, _ in scene.values()), row["qry_text"]
+        else:
+            assert any(colour in colours for scene in negatives for colour, _ in scene.values())
+
+
 def test_easy_vqa_objects_sets_the_crowd_of_easy_vqa_scenes_only(out, tmp_path, monkeypatch):
     monkeypatch.setattr(world, "EASY_VQA_OBJECTS", 3)
     world.generate(tmp_path / "crowd", seed=0, **SMALL)
