@@ -83,10 +83,13 @@ rt = runtime.setup(args.device, args.seed)
 # -----------------------------------------------------------------------------
 # data: the mini world is made (and the tiny backbone is already committed) if nothing is given
 
-if args.data == "data/world" and not os.path.exists(os.path.join(args.data, "world.json")) and rt.master:
+if args.data == "data/world" and rt.master:
     from data import world
-    print("generating the mini world in data/world")
-    world.generate(args.data, seed=0)
+    made = world.version_of(args.data)
+    if made != world.VERSION:
+        print("generating the mini world in data/world" if made is None else
+              f"data/world was written by an older data/world.py (version {made}, now {world.VERSION}): rewriting it")
+        world.generate(args.data, seed=0)
 if rt.world > 1:
     torch.distributed.barrier()
 files = runtime.training_files(args.data)

@@ -117,6 +117,7 @@ KINDS = [(c, s) for c in COLOURS for s in SHAPES]
 RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}  # (d row, d col)
 INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 DIFFICULTIES = ("easy", "hard")
+VERSION = 2  # raised whenever the same settings write another world; train_sft.py rewrites an older data/world
 EASY_VQA_OBJECTS = 1  # an easy VQA scene holds 1..this many objects (`python -m data.world --easy-vqa-objects`)
 IMAGE = "<|image_1|>"  # MMEB's image placeholder; a special token, not a word of the vocabulary
 
@@ -702,6 +703,12 @@ def lazy(cot_text):
     return " . ".join([steps[0], steps[-1]]) if len(steps) > 2 else cot_text
 
 
+def version_of(out_dir):
+    """The VERSION that wrote the world in out_dir: None if there is none, 1 if written before versions."""
+    path = Path(out_dir) / "world.json"
+    return json.loads(path.read_text()).get("version", 1) if path.exists() else None
+
+
 def generate(out_dir, seed=0, train_scenes=9000, eval_queries=200, n_candidates=10, lazy_teacher=0.0):
     """Write the world under out_dir (its own subfolders are replaced) and return world.json's summary.
 
@@ -749,7 +756,7 @@ def generate(out_dir, seed=0, train_scenes=9000, eval_queries=200, n_candidates=
     pq.write_table(pa.Table.from_pylist(rows, schema=TRAIN_SCHEMA), out / "train" / "train.parquet")
     lines = describe_lines(tr) + lines
     write_jsonl(lines, out / "pretrain.jsonl")
-    summary = dict(seed=seed, train_scenes=train_scenes, eval_queries=eval_queries, n_candidates=n_candidates,
+    summary = dict(version=VERSION, seed=seed, train_scenes=train_scenes, eval_queries=eval_queries, n_candidates=n_candidates,
                    easy_vqa_objects=EASY_VQA_OBJECTS, lazy_teacher=lazy_teacher, lazy_rows=lazy_rows,
                    tasks=list(TASKS), meta_tasks={n: t.meta for n, t in TASKS.items()}, vocabulary=vocabulary(), counts=counts,
                    images={s.name: s.n_images for s in (tr, ev)},

@@ -265,6 +265,16 @@ def test_easy_t2i_needs_one_attribute_not_a_binding():
         assert {len(s) for s in [gold] + negatives} <= {2, 3}
 
 
+def test_world_json_records_the_generator_version(out, tmp_path):
+    """train_sft.py rewrites a default world written by an older generator; it reads the version from here."""
+    assert world.version_of(out) == world.VERSION
+    assert world.version_of(tmp_path) is None
+    summary = json.loads((out / "world.json").read_text())
+    del summary["version"]
+    (tmp_path / "world.json").write_text(json.dumps(summary))
+    assert world.version_of(tmp_path) == 1 < world.VERSION
+
+
 def test_easy_i2t_distractors_share_no_colour_with_the_image(out):
     """Easy I2T: one look at any colour in the image rules every wrong caption out; hard ones differ by one edit."""
     for row in read(out, "I2T"):
