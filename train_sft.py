@@ -11,7 +11,7 @@ detached at the interface (claims 1-2). The loss per batch:
 with in-batch negatives plus the training set's hard negatives, temperature tau = 0.02 (VLM2Vec's).
 `--no-detach` lets the gradients cross both boundaries, for the ablation.
 
-    python train_sft.py                                  # mini world + tiny backbone: 1,200 steps, 17-22 min on 2 cores
+    python train_sft.py                                  # mini world + tiny backbone: 600 steps, 9-11 min on 2 cores
     python train_sft.py --no-detach --out runs/sft-nodetach
     torchrun --nproc_per_node=2 train_sft.py             # DDP: gloo on CPU, nccl on GPU
     python train_sft.py --backbone /models/Qwen2-VL-2B-Instruct --data /data/MMEB-train \\
@@ -53,7 +53,7 @@ g.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha")
 g.add_argument("--queries", type=int, default=4, help="number of learned query tokens")
 g.add_argument("--no-detach", action="store_true", help="ablation: let gradients cross the adapter interface")
 g = parser.add_argument_group("optimisation")
-g.add_argument("--steps", type=int, default=1200, help="optimizer steps")
+g.add_argument("--steps", type=int, default=600, help="optimizer steps")
 g.add_argument("--batch-size", type=int, default=32, help="query/target pairs per step, over all ranks")
 g.add_argument("--micro-batch", type=int, default=0, help="GradCache chunk size per rank (0: no chunking)")
 g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, cosine with warm-up)")
