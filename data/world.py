@@ -55,8 +55,9 @@ then a scene is built around it, so guessing stays at chance):
             the object with the same colour as the triangle ?" (exactly one other object has that colour).
   WhereVQA  -> cell name. easy "where is the red circle ?" (alone); hard "where is the object left of
             the blue triangle ?" (a relation as above; its CoT ends at the referent's cell).
-  I2T       image -> caption. easy: 2-3 objects, distractors are other scenes' captions; hard: 5-7
-            objects, distractors are the gold caption with one colour, shape or cell changed.
+  I2T       image -> caption. easy: 2-3 objects, distractors are other scenes' captions in colours the
+            image lacks (one colour rules each out, no binding); hard: 5-7 objects, distractors are the
+            gold caption with one colour, shape or cell changed.
   T2I       text -> image. easy "an image with a red circle" among 1-2 others (no other object, in it or in
             a distractor, is red or a circle: one attribute finds it, no binding); hard "an image
             with a red circle left of a blue square" (distractors hold both, never in that relation).
