@@ -35,6 +35,15 @@ def adapters(out):
     return tensors
 
 
+def differing(a, b):
+    """(adapter weights that differ between two runs, all of them). Adam's first steps move each weight by
+    about +-lr whatever the size of its gradient, so a weight whose gradient is zero up to rounding may
+    step either way in two runs that compute the same gradient in another order: tests allow a handful."""
+    assert a.keys() == b.keys()
+    off = sum(int((~torch.isclose(a[k], b[k], rtol=1e-3, atol=1e-5)).sum()) for k in a)
+    return off, sum(a[k].numel() for k in a)
+
+
 def kill_after_first_checkpoint(proc, out):
     """SIGKILL a training subprocess as soon as its first checkpoint exists: a real kill -9, mid-run."""
     deadline = time.time() + 300
@@ -55,12 +64,14 @@ def test_sft_trains_and_ddp_matches_one_process(small_world, small_backbone, tmp
     one = sft(small_world, small_backbone, tmp_path / "one", "--steps", 3)
     two = sft(small_world, small_backbone, tmp_path / "two", "--steps", 3, nproc=2)
     # the first step's losses and gradient norm come before any update: the global loss of the same
-    # 8 pairs, and (gradients summed over ranks) the same gradient
-    assert losses(one)[0] == pytest.approx(losses(two)[0], rel=1e-3)
-    a, b = adapters(tmp_path / "one"), adapters(tmp_path / "two")
-    assert a.keys() == b.keys()
-    for k in a:  # summed cross-rank gradients == the single-process gradient, so the same updates
-        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5, msg=k)
+    # 8 pairs, and (gradients summed over ranks) the same gradient; the later ones follow the same updates
+    assert len(losses(one)) == len(losses(two)) == 3
+    for l1, l2 in zip(losses(one), losses(two)):
+        assert l1 == pytest.approx(l2, rel=1e-3)
+    # summed cross-rank gradients == the single-process gradient, so the same updates, up to Adam's
+    # rounding (`differing`; seen here: one weight of 8,192 in one matrix off by 6e-5)
+    off, total = differing(adapters(tmp_path / "one"), adapters(tmp_path / "two"))
+    assert off <= 1e-4 * total, f"{off} of {total} adapter weights differ"
     assert "diverged" not in two
 
 
@@ -68,11 +79,8 @@ def test_gradcache_chunks_give_the_full_batch_update(small_world, small_backbone
     sft(small_world, small_backbone, tmp_path / "full", "--steps", 2)
     sft(small_world, small_backbone, tmp_path / "chunks", "--steps", 2, "--micro-batch", 3)
     a, b = adapters(tmp_path / "full"), adapters(tmp_path / "chunks")
-    # Adam's first steps move each weight by about +-lr whatever the size of its gradient, so an entry
-    # whose gradient is zero up to rounding may step either way in the two runs: allow a handful of those.
     # Wrong negatives in the chunks (the bug GradCache exists to avoid) change the gradient everywhere.
-    off = sum(int((~torch.isclose(a[k], b[k], rtol=1e-3, atol=1e-5)).sum()) for k in a)
-    total = sum(a[k].numel() for k in a)
+    off, total = differing(a, b)
     assert off <= 1e-4 * total, f"{off} of {total} adapter weights differ"
 
 
