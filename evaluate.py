@@ -560,8 +560,9 @@ def main(argv=None):
     g.add_argument("--fast-decode", choices=["on", "off"], default="on",
                    help="write CoTs with decode.FastDecoder (static cache; on CUDA one CUDA graph per token) instead "
                         "of the reference loop TWN.write_cot (the same tokens in fp32)")
-    g.add_argument("--merge-embed", action="store_true", help="--modes nothink only: fold the embed adapter into the "
-                   "backbone's weights, so no forward pays for LoRA (bench/infer.py measures the difference)")
+    g.add_argument("--fuse-embed", choices=["on", "off"], default="on",
+                   help="run the embed adapter on a copy of the weights with it folded in (TWN.fuse): the no-think "
+                        "path at the plain backbone's speed, for one more copy of the LM's projection weights")
     g = parser.add_argument_group("output")
     g.add_argument("--out", default=None, help="directory for per-task score files (default: <model>/eval)")
     g.add_argument("--json", default=None, help="path of results.json (default: <out>/results.json)")
@@ -587,11 +588,8 @@ def main(argv=None):
     twn = twn_model.from_pretrained(backbone, twn_model.read_config(args.model), tokenizer=proc.tokenizer, device=rt.device)
     twn.load(args.model)
     twn.eval()
-    if args.merge_embed:
-        if modes != ["nothink"] or args.sweep:
-            raise SystemExit("--merge-embed serves no-think only (the reason adapter cannot run on merged weights): "
-                             "use it with --modes nothink")
-        lora.merge(twn.backbone, "embed")
+    if args.fuse_embed == "on":
+        twn.fuse("embed")
     gate = None
     if "adaptive" in modes or args.sweep:
         try:

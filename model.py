@@ -130,6 +130,7 @@ class TWN(nn.Module):
         # queries start near the mean token embedding so they look like ordinary tokens to the frozen model
         init = hidden.detach().float().mean(0) + 0.02 * torch.randn(cfg.num_queries, hidden.shape[1], device=hidden.device)
         self.queries = nn.Parameter(init)  # (K, H), fp32
+        self.fused = set()  # adapters that run on a fused weight copy (see fuse): inference only
         self.pad_id, self.eos_id = pad_id, eos_id
         self.register_buffer("think_ids", torch.tensor(think_ids, dtype=torch.long), persistent=False)
 
@@ -147,6 +148,23 @@ class TWN(nn.Module):
         params = [p for n, p in self.named_parameters() if f".{which}." in n and ".lora_" in n]
         return params + [self.queries] if which == "embed" else params
 
+    def adapter(self, name):
+        """Adapter `name` on for the forwards inside: through its fused weight copy if fuse() made one."""
+        return self.adapters.use(name, fused=name in self.fused)
+
+    @torch.no_grad()
+    def fuse(self, name="embed"):
+        """Inference: from now on adapter `name` runs on a copy of the weights with it folded in (lora.fuse).
+
+        One GEMM per projection instead of three, so the no-think path costs what the plain backbone does
+        (README, "Speed"), for one more copy of the LM's projection weights. Serving fuses the embed
+        adapter (evaluate.py): targets, no-think and think embeddings all use it alone, and the decoder
+        keeps its own copy for the reason adapter. The copy passes no gradient (training through it is
+        an error); load() refreshes it.
+        """
+        lora.fuse(self.backbone, name)
+        self.fused.add(name)
+
     # --- the three building blocks ------------------------------------------------------------
 
     def encode(self, batch, adapter="embed") -> State:
@@ -156,7 +174,7 @@ class TWN(nn.Module):
         pos, _ = self.backbone.model.get_rope_index(
             ids, batch["mm_token_type_ids"], batch.get("image_grid_thw"), attention_mask=mask)
         cache = DynamicCache()
-        with self.adapters.use(adapter):
+        with self.adapter(adapter):
             self.backbone.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                                 use_cache=True, pixel_values=batch.get("pixel_values"),
                                 image_grid_thw=batch.get("image_grid_thw"),
@@ -175,7 +193,7 @@ class TWN(nn.Module):
         pos = (state.next_pos[:, None] + torch.arange(L, device=mask.device)[None]).expand(3, B, L)
         full_mask = torch.cat([state.mask, mask], 1)
         cache = DynamicCache(state.kv)
-        with self.adapters.use(adapter):
+        with self.adapter(adapter):
             out = self.lm(inputs_embeds=embeds.to(self.lm.dtype), attention_mask=full_mask, position_ids=pos,
                           past_key_values=cache, use_cache=True)
         kv = [(layer.keys, layer.values) for layer in cache.layers]
@@ -303,6 +321,8 @@ class TWN(nn.Module):
             raise ValueError(f"{out_dir}: queries have shape {tuple(q.shape)}, the model wants {tuple(self.queries.shape)}")
         with torch.no_grad():
             self.queries.copy_(q)
+        for name in self.fused:
+            self.fuse(name)  # the fused copies must follow the adapters just loaded
 
 
 def token_logprobs(head: nn.Module, hidden, ids, mask, chunk=1024):

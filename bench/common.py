@@ -146,6 +146,41 @@ def matmul_peak(device, dtype, n=None, iters=10):
     return 2 * n ** 3 * iters / seconds / 1e12
 
 
+_profiled = set()  # files profile() has written in this run
+
+
+def profile(name, fn, device, path, top=25):
+    """Run fn() once under torch.profiler; append its top ops by self device time (CPU time on a CPU) to `path`.
+
+    Not a timing (the profiler slows small kernels down): where a row's time goes, to pick what to make
+    faster next. Also the share of the wall time the device was busy: far below 1, the GPU waits on Python.
+    Returns a one-line summary.
+    """
+    from torch.profiler import ProfilerActivity
+    cuda = torch.device(device).type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    with torch.profiler.profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        wall = time.perf_counter() - t0
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    busy = sum(getattr(e, key) for e in events) / 1e6
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    lines = [f"== {name}: wall {1000 * wall:.1f} ms (profiled), {'device' if cuda else 'cpu'} busy {1000 * busy:.1f} ms",
+             f"{'op':<60}{'calls':>8}{'ms':>10}{'share':>8}"]
+    lines += [f"{e.key[:59]:<60}{e.count:>8}{getattr(e, key) / 1e3:>10.2f}{getattr(e, key) / 1e6 / busy:>8.1%}"
+              for e in events[:top]]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a" if path in _profiled else "w") as f:  # a run's first table starts the file afresh
+        f.write("\n".join(lines) + "\n\n")
+    _profiled.add(path)
+    head = ", ".join(f"{e.key[:40]} {getattr(e, key) / 1e6 / busy:.0%}" for e in events[:3])
+    return f"busy {1000 * busy:.0f} of {1000 * wall:.0f} ms; top: {head}"
+
+
 # -----------------------------------------------------------------------------
 # results
 

@@ -43,6 +43,8 @@ parser.add_argument("--batch", type=int, default=None, help="query/target pairs 
 parser.add_argument("--cot-tokens", type=int, default=None, help="teacher CoT length (default: the config's)")
 parser.add_argument("--iters", type=int, default=3, help="timed steps per row (median)")
 parser.add_argument("--out-dir", default=os.path.join(common.ROOT, "bench", "results"), help="where the JSON goes")
+parser.add_argument("--profile", action="store_true", help="also profile one step of each row (top ops in "
+                    "<out-dir>/profile-train-<config>.txt; bench/common.py, profile)")
 args = parser.parse_args()
 
 spec = common.SPECS[args.config]
@@ -98,6 +100,9 @@ def row(name, step, n_trainable):
     r = rows[name]
     print(f"  {name:<40}{1000 * seconds:9.1f} ms{r['pairs_s']:9.1f} pairs/s{flops / 1e9:11.1f} GFLOP"
           f"{100 * r['mfu']:7.1f} % MFU" + (f"{peak:8.2f} GiB" if peak is not None else ""))
+    if args.profile:
+        path = os.path.join(args.out_dir, f"profile-train-{args.config}.txt")
+        print(f"    profile: {common.profile(name, step, dev, path)}")
 
 
 def save(**more):

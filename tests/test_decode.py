@@ -50,6 +50,49 @@ def test_sampled_equals_write_cot_with_the_same_generator(model_type):
     assert not torch.equal(other[0], fast[0])  # the seed matters: it is really sampling
 
 
+@pytest.mark.parametrize("L", [1, 3])
+def test_grouped_attention_equals_transformers_sdpa(L):
+    """The decoder's attention (query heads folded onto their K/V head) against transformers' own, which
+    copies K/V per query head: random inputs, a padded mask, one query row (a decode step) and several."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class Layer:  # what the attention functions read from the module
+        num_key_value_groups, training, is_causal = 3, False, True
+
+    g = torch.Generator().manual_seed(0)
+    B, H, S, D = 2, 6, 9, 8
+    q, k, v = (torch.randn(b, h, n, D, generator=g) for b, h, n in [(B, H, L), (B, 2, S), (B, 2, S)])
+    mask = torch.rand(B, 1, L, S, generator=g) > 0.3
+    mask[..., -1] = True  # every query row sees at least one slot
+    ref, _ = sdpa_attention_forward(Layer(), q, k, v, mask, scaling=0.3)
+    out, _ = decode.grouped_attention(Layer(), q, k, v, mask, scaling=0.3)
+    assert out.shape == ref.shape == (B, L, H, D)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out[:, :, 0], out[:, :, 3])  # heads of different groups differ: not a broadcast
+
+
+def test_the_decoder_attends_through_grouped_attention_and_puts_the_setting_back():
+    twn, enc = setup("qwen2_vl")
+    seen = []
+    real = decode.grouped_attention
+
+    def spy(module, query, *a, **k):
+        seen.append(query.shape[2])
+        return real(module, query, *a, **k)
+
+    from transformers import AttentionInterface
+    AttentionInterface.register("twn_grouped_sdpa", spy)
+    try:
+        out = decode.FastDecoder(twn)(enc, 5)
+        plain = decode.FastDecoder(twn, grouped=False)(enc, 5)
+    finally:
+        AttentionInterface.register("twn_grouped_sdpa", real)
+    layers = twn.backbone.config.text_config.num_hidden_layers
+    assert seen.count(2) == layers and seen.count(1) == 5 * layers  # the think prompt, then 5 steps; not `plain`
+    assert twn.lm.config._attn_implementation == "sdpa"
+    assert torch.equal(out[0], plain[0])
+
+
 def test_the_fused_decoder_follows_an_adapter_that_trained_between_calls():
     twn, enc = setup("qwen2_vl", seed=4)
     fused, live = decode.FastDecoder(twn), decode.FastDecoder(twn, fuse=False)

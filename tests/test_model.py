@@ -244,6 +244,33 @@ def test_save_load_round_trip_and_peft_layout(tmp_path):
     assert conf["peft_type"] == "LORA" and conf["r"] == 4 and "down_proj" in conf["target_modules"]
 
 
+def test_fused_embed_serves_the_same_embeddings_refuses_training_and_follows_load(tmp_path):
+    """TWN.fuse("embed"), evaluate.py's default: no-think and think embeddings as with the live adapter."""
+    twn = tiny_twn()
+    randomize_adapters(twn)
+    batch = make_batch(twn, ROWS)
+    cot_ids, cot_mask = random_cot(len(ROWS), [4, 6, 2, 5])
+    with torch.no_grad():
+        live = twn(batch, cot_ids, cot_mask)
+        twn.fuse("embed")
+        fused = twn(batch, cot_ids, cot_mask)
+    for k in ("e0", "e1", "cot_loss"):
+        torch.testing.assert_close(fused[k], live[k], rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="no gradient"):
+        twn(batch, cot_ids, cot_mask)  # training through the fused copy would silently train nothing
+
+    other = tiny_twn()
+    randomize_adapters(other, seed=5)
+    other.save(tmp_path)
+    twn.load(tmp_path)  # new adapters: the fused copy must follow them
+    with torch.no_grad():
+        after = twn.embed_items(batch)
+        twn.fused.clear()
+        ref = twn.embed_items(batch)
+    torch.testing.assert_close(after, ref, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(after, fused["e0"], atol=1e-3)
+
+
 def test_config_json_is_validated():
     with pytest.raises(ValueError, match="unknown"):
         twn_model.TWNConfig.from_dict({"rank": 8})
