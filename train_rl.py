@@ -126,6 +126,7 @@ def to_device(batch):
 # the global embedding cache: every distinct training target, embedded once by the frozen embed side
 
 twn.eval()  # no dropout anywhere during RL: the reward must be a deterministic function of the CoT
+twn.fuse("embed")  # frozen for the whole run: it can run on a weight copy with the adapter folded in (faster)
 # the sampler: decode.FastDecoder (static cache; the reason adapter folded into a weight copy that it
 # refreshes at every call, so each step samples from the policy as it is now; a CUDA graph on a GPU)
 decoder = fast_decoder(twn, rt.device)
