@@ -28,7 +28,8 @@ So the step can be compiled once and recorded once as a CUDA graph. Modes:
 By default the step reads a copy of the weights with the reason adapter folded in (`lora.fuse`, refreshed
 at every call): one GEMM per projection instead of three. On an H100 (Qwen2-VL-2B, batch 32, bf16) the
 graph decodes 6.3k tok/s fused and 4.0k with the adapter live; the reference loop ~0.6k (README, "Speed";
-bench/infer.py measures it).
+bench/infer.py measures it). Those runs predate `grouped_attention`, through which the step now reads
+the cache: transformers' sdpa copied it once per query head at every step.
 
 Sampling stays outside the graph and draws as `write_cot` does, so the same generator gives the same
 tokens (it may draw a few more times after the last row ends: "all done?" is asked every few steps).

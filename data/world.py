@@ -106,6 +106,7 @@ from PIL import Image, ImageDraw
 # the world's pieces and words
 
 SIZE, CELL, CROP = 112, 28, 56  # image, grid cell (= one Qwen2-VL LLM token), upscaled crop
+PNG = dict(compress_level=1)  # flat colours: files as small as at the default level 6, written ~30 % faster
 BACKGROUND = (20, 20, 20)
 ROWS, COLS = "abcd", "1234"
 CELLS = [r + c for r in ROWS for c in COLS]  # a1 a2 ... d4: reading order, the caption's order
@@ -603,7 +604,7 @@ class Split:
             if scene not in drawn:
                 path = f"images/{self.name}/{self.n_images:06d}.png"
                 drawn[scene] = path, render(scene)
-                drawn[scene][1].save(self.out / path)
+                drawn[scene][1].save(self.out / path, **PNG)
                 self.n_images += 1
                 self.described.append((path, caption(scene)))
             return drawn[scene]
@@ -621,7 +622,7 @@ class Split:
         """The object's 28 px cell of `image` (saved at `source`), upscaled (nearest) to 56 px."""
         top, left = ROWS.index(obj.cell[0]) * CELL, COLS.index(obj.cell[1]) * CELL
         path = f"crops/{self.name}/{Path(source).stem}_{obj.cell}.png"
-        image.crop((left, top, left + CELL, top + CELL)).resize((CROP, CROP), Image.NEAREST).save(self.out / path)
+        image.crop((left, top, left + CELL, top + CELL)).resize((CROP, CROP), Image.NEAREST).save(self.out / path, **PNG)
         self.described.append((path, f"{obj.colour} {obj.shape}"))
         return path
 
