@@ -622,7 +622,8 @@ class Split:
         """The object's 28 px cell of `image` (saved at `source`), upscaled (nearest) to 56 px."""
         top, left = ROWS.index(obj.cell[0]) * CELL, COLS.index(obj.cell[1]) * CELL
         path = f"crops/{self.name}/{Path(source).stem}_{obj.cell}.png"
-        image.crop((left, top, left + CELL, top + CELL)).resize((CROP, CROP), Image.NEAREST).save(self.out / path, **PNG)
+        crop = image.crop((left, top, left + CELL, top + CELL)).resize((CROP, CROP), Image.NEAREST)
+        crop.save(self.out / path, **PNG)
         self.described.append((path, f"{obj.colour} {obj.shape}"))
         return path
 
