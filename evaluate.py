@@ -25,6 +25,7 @@ results.json (never scored as right or wrong).
 
 import argparse
 import glob
+import hashlib
 import json
 import math
 import os
@@ -423,16 +424,29 @@ def write_sweep(per_task, gate, out_dir):
 def global_cache(emb, pairs):
     """Every distinct training target (positives and hard negatives), embedded once without thinking.
 
+    Distinct by content: a target's text and the bytes of its image file. The same picture can sit under
+    several paths (the mini world writes a recurring scene to a file of its own, and a crop of a red
+    circle is the same picture in every scene: 6,786 paths, 4,563 contents); as twins in the cache they
+    embed equally, and whether a positive ranks above its twin would be decided by rounding (README, "RL").
     Returns (targets, column of each target's (text, image) key, (N, H) embeddings): the gate's label
     pool and the RL reward's environment.
     """
-    keys = {}
+    digests = {}
+
+    def content(t):
+        if t.image and t.image not in digests:
+            with open(t.image, "rb") as f:
+                digests[t.image] = hashlib.sha256(f.read()).hexdigest()
+        return t.text, digests.get(t.image)
+
+    first, column = {}, {}  # content -> its first target; (text, image) -> column
     for p in pairs:
         for t in (p.pos, p.neg):
             if t is not None:
-                keys.setdefault((t.text, t.image), t)
-    targets = list(keys.values())
-    return targets, {k: j for j, k in enumerate(keys)}, emb.targets(targets)
+                c = first.setdefault(content(t), (len(first), t))[0]
+                column[(t.text, t.image)] = c
+    targets = [t for _, t in first.values()]
+    return targets, column, emb.targets(targets)
 
 
 def fit_gate(twn, proc, rt, pairs, out_dir, n=4000, budget=None, batch_size=64, max_cot_tokens=96, held_out=0.35, seed=0,

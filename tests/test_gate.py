@@ -89,3 +89,32 @@ def test_adaptive_at_threshold_0_is_always_think_and_at_1_never(small_world, sma
     assert 0 < sum(o["thought"] for o in mixed) < len(items)
     for a, t, n in zip(mixed, always, never):
         torch.testing.assert_close(a["adaptive"], t["think"] if a["thought"] else n["nothink"], rtol=1e-4, atol=1e-5)
+
+
+def test_global_cache_keeps_one_column_per_content(tmp_path):
+    """Two paths to the same picture are one target (else they tie, and rounding ranks them); a text
+    and an image, or two different pictures, stay apart."""
+    import evaluate
+    from data.mmeb import Item
+
+    a, twin, other = tmp_path / "a.png", tmp_path / "twin.png", tmp_path / "other.png"
+    a.write_bytes(b"picture one")
+    twin.write_bytes(b"picture one")
+    other.write_bytes(b"picture two")
+
+    class Pair:
+        def __init__(self, pos, neg=None):
+            self.pos, self.neg = pos, neg
+
+    class Emb:
+        def targets(self, items):
+            self.seen = items
+            return torch.arange(len(items), dtype=torch.float32)[:, None]
+
+    img = lambda path, text="represent the given image": Item(text, str(path))
+    pairs = [Pair(img(a), Item("red")), Pair(img(twin), img(other)), Pair(Item("red")), Pair(img(a, "another text"))]
+    emb = Emb()
+    targets, column, cache = evaluate.global_cache(emb, pairs)
+    assert len(targets) == len(cache) == len(emb.seen) == 4  # a (= twin), "red", other, a with another text
+    assert column[(img(twin).text, str(twin))] == column[(img(a).text, str(a))] == 0
+    assert len({column[(t.text, t.image)] for t in (img(a), Item("red"), img(other), img(a, "another text"))}) == 4
