@@ -82,8 +82,16 @@ def win_labels(rank0, rank1, top=1):
 
 def fit(gate, states, labels, steps=100, lr=3e-3, weight_decay=1e-2, seed=0):
     """Full-batch AdamW on class-balanced BCE (wins are usually the minority). Few steps: a few thousand
-    noisy labels, and a longer fit ranks held-out queries worse (300 steps: AUC 0.76-0.78 against 0.79-0.81)."""
-    torch.manual_seed(seed)
+    noisy labels, and a longer fit ranks held-out queries worse (300 steps: AUC 0.76-0.78 against 0.79-0.81).
+
+    The gate's weights are drawn afresh from `seed` first, so a fit depends on its inputs alone, not on
+    whatever used the global random state before (a whole SFT run, or none when a finished run is resumed).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for layer in gate.net:
+            if hasattr(layer, "reset_parameters"):
+                layer.reset_parameters()
     pos = labels.sum().clamp(min=1)
     pos_weight = (len(labels) - pos) / pos
     opt = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=weight_decay)

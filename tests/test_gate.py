@@ -118,3 +118,17 @@ def test_global_cache_keeps_one_column_per_content(tmp_path):
     assert len(targets) == len(cache) == len(emb.seen) == 4  # a (= twin), "red", other, a with another text
     assert column[(img(twin).text, str(twin))] == column[(img(a).text, str(a))] == 0
     assert len({column[(t.text, t.image)] for t in (img(a), Item("red"), img(other), img(a, "another text"))}) == 4
+
+
+def test_a_fit_does_not_depend_on_the_random_state_before_it():
+    """train_sft.py fits the gate after a whole run, or right away when a finished run is resumed."""
+    g = torch.Generator().manual_seed(0)
+    states, labels = torch.randn(64, 8, generator=g), (torch.rand(64, generator=g) > 0.7).float()
+    fitted = []
+    for before in (1, 2):
+        torch.manual_seed(before)
+        gate = gate_lib.Gate(8)  # its initial weights come from the global state
+        torch.randn(100)
+        gate_lib.fit(gate, states, labels, steps=5, seed=3)
+        fitted.append(gate.prob(states))
+    torch.testing.assert_close(fitted[0], fitted[1])
