@@ -427,7 +427,7 @@ def global_cache(emb, pairs):
     Distinct by content: a target's text and the bytes of its image file. The same picture can sit under
     several paths (the mini world writes a recurring scene to a file of its own, and a crop of a red
     circle is the same picture in every scene: 6,786 paths, 4,563 contents); as twins in the cache they
-    embed equally, and whether a positive ranks above its twin would be decided by rounding (README, "RL").
+    embed equally, and whether a positive ranks above its twin would be decided by rounding (README, "The gate").
     Returns (targets, column of each target's (text, image) key, (N, H) embeddings): the gate's label
     pool and the RL reward's environment.
     """
