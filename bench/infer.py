@@ -205,9 +205,10 @@ for name, dec in decoders.items():
     t_think[name] = row(f"twn think: {name}", lambda dec=dec, name=name: twn_think(dec, name), warmup=warm)
     save()
 # a few decode steps as plain kernels (no graph), fused, with each attention: what a step is made of
-for name in ("static cache, eager, fused, K/V per head", "static cache, eager, fused"):
-    dec = decoders.get(name) or decode.FastDecoder(twn, grouped="per head" not in name)
-    profile(f"4 decode steps: {name}", lambda dec=dec: dec(enc, 4))
+if args.profile:
+    for name in ("static cache, eager, fused, K/V per head", "static cache, eager, fused"):
+        dec = decoders.get(name) or decode.FastDecoder(twn, grouped="per head" not in name)
+        profile(f"4 decode steps: {name}", lambda dec=dec: dec(enc, 4))
 best = max(list(decoders)[1:], key=lambda name: rows[f"twn decode: {name}"]["decode_tok_s"])
 agree = {name: (cot[name] == cot["reference loop"]).float().mean().item() for name in decoders}
 # did the compiled step become one CUDA graph? (a skip falls back to compiled kernels without graphs)
