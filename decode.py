@@ -78,7 +78,7 @@ def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     q = query.reshape(B, H // groups, groups * L, D)  # query head h = k * G + j reads K/V head k, as repeat_kv
     mask = attention_mask if L == 1 else attention_mask.repeat(1, 1, groups, 1)  # (B, 1, L, S) -> (B, 1, G*L, S)
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
-    return out.view(B, H, L, D).transpose(1, 2), None  # (B, L, H, D), as transformers' attention functions return
+    return out.reshape(B, H, L, D).transpose(1, 2), None  # (B, L, H, D), as transformers' attention functions return
 
 
 # registered under our own name, with sdpa's mask; FastDecoder switches the LM to it while it decodes

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Both benchmarks on the Qwen2-VL-2B architecture (random weights) on one GPU, in one go (~7 minutes),
+# Both benchmarks on the Qwen2-VL-2B architecture (random weights) on one GPU, in one go (~8 minutes),
 # then evaluate.py end to end on that device if a trained mini-world model is at $TWN_MODEL.
 #
 #   bash bench/gpu.sh            # on a GPU machine: JSON + logs in $OUT (if set) and in bench/results/
@@ -21,7 +21,7 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, '| tra
 python3 -c "import peft; print('peft', peft.__version__)" 2>/dev/null || echo "peft: not installed"
 # the CUDA-graph decoders against the reference loop, token for token (fp32, tiny model; skipped on a CPU)
 timeout 60 python3 -m pytest -q -x tests/test_decode.py -k cuda 2>&1 | tail -3
-timeout 120 python3 bench/train.py --device $DEV --config $CFG --out-dir "$OUT_DIR" --profile 2>&1 | grep -v "Model config" | tee "$OUT_DIR/train-$CFG.log"
+timeout 180 python3 bench/train.py --device $DEV --config $CFG --out-dir "$OUT_DIR" --profile 2>&1 | grep -v "Model config" | tee "$OUT_DIR/train-$CFG.log"
 timeout 300 python3 bench/infer.py --device $DEV --config $CFG --iters 2 --out-dir "$OUT_DIR" --profile 2>&1 | grep -v "Model config" | tee "$OUT_DIR/infer-$CFG.log"
 # the real pipeline on this device (bf16 autocast and the CUDA-graph decoder on a GPU): scores to compare with
 # the same model's CPU run, and queries/s per task (the gate's thinking rows pooled across batches)

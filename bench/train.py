@@ -103,6 +103,7 @@ def row(name, step, n_trainable):
     if args.profile:
         path = os.path.join(args.out_dir, f"profile-train-{args.config}.txt")
         print(f"    profile: {common.profile(name, step, dev, path)}")
+    save()  # row by row: a run cut short (bench/gpu.sh's time caps) keeps what it measured
 
 
 def save(**more):
@@ -138,7 +139,6 @@ n_twn = sum(p.numel() for p in params)
 print("twn (two adapters, r 16 each, + queries)")
 row("twn joint SFT (CoT + e0 + e1)", lambda: twn_step(True), n_twn)
 row("twn contrastive only (e0)", lambda: twn_step(False), n_twn)
-save()
 del twn, opt, params  # the baseline gets the device to itself
 gc.collect()
 if cuda:

@@ -51,10 +51,17 @@ def test_sampled_equals_write_cot_with_the_same_generator(model_type):
 
 
 @pytest.mark.parametrize("L", [1, 3])
-def test_grouped_attention_equals_transformers_sdpa(L):
+@pytest.mark.parametrize("layout", ["contiguous", "heads inner"])
+def test_grouped_attention_equals_transformers_sdpa(L, layout, monkeypatch):
     """The decoder's attention (query heads folded onto their K/V head) against transformers' own, which
-    copies K/V per query head: random inputs, a padded mask, one query row (a decode step) and several."""
+    copies K/V per query head: random inputs, a padded mask, one query row (a decode step) and several.
+    The memory layout of SDPA's output is its kernel's choice: CUDA's memory-efficient kernel writes
+    (B, L, H, D) and returns it transposed, which a `.view` cannot regroup ("heads inner" mimics it)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if layout == "heads inner":
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                            lambda *a, **k: sdpa(*a, **k).transpose(1, 2).contiguous().transpose(1, 2))
 
     class Layer:  # what the attention functions read from the module
         num_key_value_groups, training, is_causal = 3, False, True
