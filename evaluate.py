@@ -185,8 +185,7 @@ class Embedder:
                     o["adaptive"] = o["think"] if o["thought"] else o["nothink"]
 
         def fn(batch):
-            enc = self.twn.encode(batch)
-            pooled, e0 = self.twn.embed(enc)
+            enc, pooled, e0 = self.twn.encode_embed(batch)
             # the gate's decision (adaptive), or "yes" for every row (always think), or "no"
             if "adaptive" in modes:
                 gate_says = self.gate.decide(pooled)

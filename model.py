@@ -169,20 +169,45 @@ class TWN(nn.Module):
 
     def encode(self, batch, adapter="embed") -> State:
         """Run the input (left padded, images included) once; return its KV cache and positions."""
+        return self._encode(batch, adapter, queries=False)[0]
+
+    def encode_embed(self, batch, adapter="embed"):
+        """`encode` and `embed` in one forward -> (State of the input, pooled state, no-think embedding e0).
+
+        The K queries ride at the end of the input instead of reading it in a second pass. Attention is
+        causal, so the input's KV (what a CoT continues from) is the same, and the queries see what
+        `embed(encode(batch))` shows them, at the same positions (a test checks values and gradients).
+        It saves a pass through every layer for K tokens: little arithmetic, but on a GPU as many kernel
+        launches as the input's own pass, which is what the no-think path and a training step wait on.
+        """
+        state, hidden = self._encode(batch, adapter, queries=True)
+        pooled = hidden.float().mean(1)  # (B, H)
+        return state, pooled, F.normalize(pooled, dim=-1)
+
+    def _encode(self, batch, adapter, queries):
         ids, mask = batch["input_ids"], batch["attention_mask"]
+        B, T = ids.shape
         # M-RoPE positions for the whole input, computed once, passed explicitly: (3, B, T)
         pos, _ = self.backbone.model.get_rope_index(
             ids, batch["mm_token_type_ids"], batch.get("image_grid_thw"), attention_mask=mask)
-        cache = DynamicCache()
-        with self.adapter(adapter):
-            self.backbone.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                                use_cache=True, pixel_values=batch.get("pixel_values"),
-                                image_grid_thw=batch.get("image_grid_thw"),
-                                mm_token_type_ids=batch["mm_token_type_ids"])
         # the next token of each row continues from its largest position (text after an image jumps
         # by the image's grid extent, not by its token count: that is M-RoPE)
         next_pos = pos.masked_fill(mask[None] == 0, -1).amax(dim=(0, 2)) + 1  # (B,)
-        return State([(layer.keys, layer.values) for layer in cache.layers], mask, next_pos)
+        embeds, types, full_mask = self.token_embeds(ids), batch["mm_token_type_ids"], mask
+        if queries:  # appended after each row's last token (rows are left padded), as `extend` would
+            K = self.cfg.num_queries
+            embeds = torch.cat([embeds, self.queries[None].expand(B, K, -1).to(embeds.dtype)], 1)
+            pos = torch.cat([pos, (next_pos[:, None] + torch.arange(K, device=ids.device)).expand(3, B, K)], 2)
+            types, full_mask = F.pad(types, (0, K)), F.pad(mask, (0, K), value=1)
+        cache = DynamicCache()
+        with self.adapter(adapter):
+            # embeddings, not ids, go in (the queries have no token id); HF then finds the image
+            # placeholders by their embedding, where the image features are written
+            out = self.backbone.model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=pos,
+                                      past_key_values=cache, use_cache=True, pixel_values=batch.get("pixel_values"),
+                                      image_grid_thw=batch.get("image_grid_thw"), mm_token_type_ids=types)
+        kv = [(layer.keys[:, :, :T], layer.values[:, :, :T]) for layer in cache.layers]  # the input's own
+        return State(kv, mask, next_pos), out.last_hidden_state[:, T:]
 
     def extend(self, state: State, embeds, mask, adapter):
         """Append tokens to a context: (B, L, H) embeds, (B, L) right-padded mask -> hidden, new State.
@@ -235,8 +260,7 @@ class TWN(nn.Module):
         cot_ids / cot_mask: (B, L) the teacher CoT ending in eos, right padded.
         Returns dict(cot_loss, e0, e1, pooled0) with e0, e1 (B, H) L2-normalised.
         """
-        enc = self.encode(batch)
-        pooled0, e0 = self.embed(enc)
+        enc, pooled0, e0 = self.encode_embed(batch)
 
         # --- the detach, boundary 1: the reason adapter reads the input's KV as a constant, so the CoT
         # loss cannot push the embed adapter (which produced KV_in) around
@@ -286,7 +310,7 @@ class TWN(nn.Module):
     @torch.no_grad()
     def embed_items(self, batch):
         """No-think embedding of a collated batch (targets are always embedded this way)."""
-        return self.embed(self.encode(batch))[1]
+        return self.encode_embed(batch)[2]
 
     @torch.no_grad()
     def think_embed(self, enc: State, max_new_tokens=64, temperature=0.0, generator=None, decode=None):

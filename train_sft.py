@@ -159,7 +159,7 @@ def forward_queries(chunk):
 
 def forward_targets(items):
     with rt.autocast():
-        return twn.embed(twn.encode(to_device(proc(items))))[1]
+        return twn.encode_embed(to_device(proc(items)))[2]
 
 
 def contrastive(e0, e1, t, q_keys, t_keys):

@@ -6,7 +6,8 @@ What that saves depends on what a thought costs, so this measures it, side by si
 
   (a) naive HF: `generate` the CoT with the reason adapter active, then a second full forward over
       [input, CoT, K query tokens] with the embed adapter (the vision tower and the input run twice);
-  (b) twn: the input is encoded once; the no-think embedding reads its KV; the CoT continues from it
+  (b) twn: the input is encoded once, the K queries in the same forward (the no-think embedding; also
+      timed as a second pass over the input's KV, as before `TWN.encode_embed`); the CoT continues from it
       (reference loop `TWN.write_cot`, and `decode.FastDecoder`: a static cache, eager, and on CUDA
       also as one CUDA graph per token; the reason adapter live or fused into a weight copy, the cache
       read once per K/V head or copied per query head as transformers' sdpa does); the embed adapter
@@ -124,9 +125,13 @@ def hf_forward(adapter=None):
 
 
 def twn_nothink(adapter="embed"):
-    enc = twn.encode(batch, adapter)
-    hidden, _ = twn.extend(enc, twn.queries[None].expand(B, K, -1), enc.mask.new_ones(B, K), adapter)
-    return F.normalize(hidden.float().mean(1), dim=-1)
+    """evaluate.py's no-think path: the input and the K queries in one forward (TWN.encode_embed)."""
+    return twn.encode_embed(batch, adapter)[2]
+
+
+def twn_nothink_two_passes():
+    """The same embedding with the queries in a second pass over the input's cache (encode, then embed)."""
+    return twn.embed(twn.encode(batch))[1]
 
 
 t_hf = row("HF forward, input + K tokens (no LoRA)", hf_forward, profiled=True)
@@ -136,6 +141,7 @@ with torch.no_grad(), autocast():
     e_live = twn_nothink()
 twn.fuse("embed")  # what evaluate.py serves with (--fuse-embed on): every row below runs the embed side fused
 t_nothink = row("twn no-think, embed adapter fused", twn_nothink, profiled=True)
+t_two = row("twn no-think, fused, queries in a second pass", twn_nothink_two_passes)
 with torch.no_grad(), autocast():
     # in bf16 the folded weights round differently from the live adapter: how far apart are the embeddings?
     fused_cosine = (twn_nothink() * e_live).sum(-1).min().item()
@@ -143,7 +149,7 @@ print(f"  embeddings, fused vs live adapter: lowest cosine over the batch {fused
 save()
 if args.nothink_only:
     ratios = dict(nothink_vs_hf_forward=t_hf / t_nothink, nothink_live_vs_hf_forward=t_hf / t_live,
-                  fused_vs_live_min_cosine=fused_cosine)
+                  nothink_one_pass_vs_two=t_two / t_nothink, fused_vs_live_min_cosine=fused_cosine)
     print("".join(f"  {k:<36}{v:10.3f}\n" for k, v in ratios.items()) + f"wrote {save(ratios=ratios)}")
     raise SystemExit
 
@@ -174,8 +180,7 @@ with torch.no_grad(), autocast():
 
 
 def twn_think(decoder, key, n=N):
-    e = twn.encode(batch)
-    twn.embed(e)  # e0: the no-think embedding (and the gate's input) comes first
+    e = twn.encode_embed(batch)[0]  # e0, the no-think embedding (and the gate's input), comes with the encode
     ids_, _, after = (decoder or twn.write_cot)(e, n)
     cot[key] = ids_
     return twn.embed(e.then(after.tail(e.length)))[1]
@@ -226,8 +231,7 @@ dec = decoders[best]
 
 def adaptive_per_batch(routed):
     """What evaluate.Embedder does: within each batch, decode the routed rows as a dense sub-batch."""
-    e = twn.encode(batch)
-    twn.embed(e)
+    e = twn.encode_embed(batch)[0]
     return twn.think_embed(e.select(routed), N, decode=dec)[0]
 
 
@@ -235,8 +239,7 @@ def adaptive_pooled(routed, n_pool):
     """A server's queue: the routed rows of n_pool batches are decoded together, as one decode batch."""
     subs = []
     for _ in range(n_pool):
-        e = twn.encode(batch)
-        twn.embed(e)
+        e = twn.encode_embed(batch)[0]
         subs.append(e.select(routed))
     # every row has the same length here; a real queue would left-pad states to a common length
     pooled = twn_model.State([(torch.cat([s.kv[i][0] for s in subs]), torch.cat([s.kv[i][1] for s in subs]))
@@ -270,6 +273,7 @@ ratios = {
     "think_cost_over_nothink": t_think[best] / t_nothink,
     "nothink_vs_hf_forward": t_hf / t_nothink,
     "nothink_live_vs_hf_forward": t_hf / t_live,
+    "nothink_one_pass_vs_two": t_two / t_nothink,
     "lora_overhead_nothink_live": t_live / rows["twn no-think, adapters off"]["seconds"] - 1,
     "fused_vs_live_min_cosine": fused_cosine,
     **{f"adaptive_{r}_{k}": v for r, d in adaptive.items() for k, v in d.items()},

@@ -156,6 +156,33 @@ def test_cached_nothink_and_think_embeddings_equal_one_full_forward(model_type):
         torch.testing.assert_close(out["e1"][b], e1, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen3_vl"])
+def test_queries_in_the_input_forward_equal_a_second_pass(model_type):
+    """encode_embed (the queries appended to the input's forward) against encode then embed (a second
+    pass over the cache): the same input KV, the same e0, the same gradients to the adapter and queries."""
+    twn = tiny_twn(model_type)
+    randomize_adapters(twn)
+    batch = make_batch(twn, ROWS)
+    one, pooled1, e1 = twn.encode_embed(batch)
+    two = twn.encode(batch)
+    pooled2, e2 = twn.embed(two)
+    assert one.length == two.length == batch["input_ids"].shape[1]  # the queries' KV is not in the State
+    for (k1, v1), (k2, v2) in zip(one.kv, two.kv):
+        torch.testing.assert_close(k1, k2, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-6)
+    assert torch.equal(one.next_pos, two.next_pos) and torch.equal(one.mask, two.mask)
+    torch.testing.assert_close(e1, e2, rtol=1e-5, atol=1e-6)
+    weights = torch.randn(e1.shape, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for e in (e1, e2):
+        twn.zero_grad(set_to_none=True)
+        (e * weights).sum().backward(retain_graph=True)
+        grads.append([p.grad.clone() for p in twn.trainable_parameters("embed")])
+    assert grads[0][-1].abs().sum() > 0  # the queries learn through the one-pass path
+    for g1, g2 in zip(*grads):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+
+
 def test_generated_cot_embedding_equals_teacher_forced_on_the_same_tokens():
     """write_cot appends one masked token per step; the result must equal feeding the CoT at once."""
     twn = tiny_twn()
