@@ -9,10 +9,11 @@ Paper: Think When Needed (arXiv 2605.14448), the dual-LoRA architecture and the 
     K learned queries --embed adapter--> attend to [KV_in]                    -> no-think embedding e0
     K learned queries --embed adapter--> attend to [KV_in, KV_cot.detach()]   -> think embedding e1
 
-The input is encoded once. Everything after it (the CoT, the queries) is a continuation of that
-encoding through an explicit KV cache and explicit M-RoPE positions: positions are computed once for
-the input with the backbone's own `get_rope_index`, and every appended token is a text token whose
-position continues from the row's last input position. Nothing relies on state the HF model keeps
+The input is encoded once, with the queries of e0 appended to the same forward (`encode_embed`).
+Everything after it (the CoT, the queries of e1) is a continuation of that encoding through an explicit
+KV cache and explicit M-RoPE positions: positions are computed once for the input with the backbone's
+own `get_rope_index`, and every appended token is a text token whose position continues from the row's
+last input position. Nothing relies on state the HF model keeps
 between calls (its `rope_deltas`).
 
 Run `python model.py --param-report` for the parameter budget on the real backbones (meta device, no
