@@ -13,8 +13,7 @@ The input is encoded once, with the queries of e0 appended to the same forward (
 Everything after it (the CoT, the queries of e1) is a continuation of that encoding through an explicit
 KV cache and explicit M-RoPE positions: positions are computed once for the input with the backbone's
 own `get_rope_index`, and every appended token is a text token whose position continues from the row's
-last input position. Nothing relies on state the HF model keeps
-between calls (its `rope_deltas`).
+last input position. Nothing relies on state the HF model keeps between calls (its `rope_deltas`).
 
 Run `python model.py --param-report` for the parameter budget on the real backbones (meta device, no
 weights): the default rank puts Qwen2-VL-2B's two adapters + queries at the paper's 3-5 %.
@@ -203,7 +202,8 @@ class TWN(nn.Module):
         cache = DynamicCache()
         with self.adapter(adapter):
             # embeddings, not ids, go in (the queries have no token id); HF then finds the image
-            # placeholders by their embedding, where the image features are written
+            # placeholders by their embedding, where the image features are written (and checks that
+            # it found as many as there are features: a stray match would be an error, not a wrong input)
             out = self.backbone.model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=pos,
                                       past_key_values=cache, use_cache=True, pixel_values=batch.get("pixel_values"),
                                       image_grid_thw=batch.get("image_grid_thw"), mm_token_type_ids=types)
