@@ -12,7 +12,7 @@ ms() { echo $(( $(date +%s%N) / 1000000 )); }
 start=$(ms)
 while IFS= read -r stage; do
   t=$(ms)
-  eval "$stage" >> "$dir.log" 2>&1 || { echo "failed: $stage (see $dir.log)"; exit 1; }
+  eval "$stage" < /dev/null >> "$dir.log" 2>&1 || { echo "failed: $stage (see $dir.log)"; exit 1; }
   d=$(( $(ms) - t )); printf "%6d.%d s  %s\n" $((d / 1000)) $((d % 1000 / 100)) "$stage"
 done < <(echo "$line" | sed 's/ && /\n/g')
 d=$(( $(ms) - start )); printf "%6d.%d s  total\n" $((d / 1000)) $((d % 1000 / 100))
