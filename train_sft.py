@@ -11,7 +11,7 @@ detached at the interface (claims 1-2). The loss per batch:
 with in-batch negatives plus the training set's hard negatives, temperature tau = 0.02 (VLM2Vec's).
 `--no-detach` lets the gradients cross both boundaries, for the ablation.
 
-    python train_sft.py                                  # mini world + tiny backbone: 600 steps, 9-11 min on 2 cores
+    python train_sft.py                                  # mini world + tiny backbone: 600 steps, 3.5-10 min on 2 cores
     python train_sft.py --no-detach --out runs/sft-nodetach
     torchrun --nproc_per_node=2 train_sft.py             # DDP: gloo on CPU, nccl on GPU
     python train_sft.py --backbone /models/Qwen2-VL-2B-Instruct --data /data/MMEB-train \\
